@@ -1,0 +1,5 @@
+"""`python -m defiwatch` = the `defiwatch` command."""
+
+from defiwatch.cli import main
+
+main()

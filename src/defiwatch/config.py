@@ -1,0 +1,168 @@
+"""Settings: read once from `DEFIWATCH_*` environment variables and an optional `defiwatch.toml`.
+
+Precedence: environment, then `defiwatch.toml` in the working directory (or the file named by
+`DEFIWATCH_CONFIG`), then the defaults below. The defaults are the embedded deployment: SQLite
+under `./var/`, in-process stream and cache. Setting `DEFIWATCH_DATABASE_URL` to PostgreSQL and
+`DEFIWATCH_REDIS_URL` to Redis selects the production backends; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from defiwatch.errors import ConfigError
+
+__all__ = ["Settings", "TierLimits", "load_settings"]
+
+ENV_PREFIX = "DEFIWATCH_"
+
+
+class TierLimits(BaseModel, frozen=True):
+    """Limits of one API key tier. Counts are per key; rates per minute."""
+
+    ws_connections: int = Field(ge=0)
+    ws_messages_per_minute: int = Field(ge=0)
+    api_requests_per_minute: int = Field(ge=0)
+    alert_rules: int = Field(ge=0)
+
+
+DEFAULT_TIERS = {
+    "free": TierLimits(ws_connections=5, ws_messages_per_minute=100,
+                       api_requests_per_minute=60, alert_rules=5),
+    "pro": TierLimits(ws_connections=50, ws_messages_per_minute=1_000,
+                      api_requests_per_minute=600, alert_rules=100),
+    "enterprise": TierLimits(ws_connections=1_000, ws_messages_per_minute=10_000,
+                             api_requests_per_minute=6_000, alert_rules=1_000),
+}
+
+
+class Settings(BaseSettings):
+    """Every knob of defiwatch. Units are in the names (`_s` seconds, `_pct` percent)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="forbid", env_nested_delimiter="__"
+    )
+
+    # Backends. sqlite+aiosqlite:///path or postgresql+asyncpg://user@host/db; redis://host:port/db.
+    database_url: str = "sqlite+aiosqlite:///./var/defiwatch.db"
+    redis_url: SecretStr | None = None
+    redis_prefix: str = "dw:"  # every Redis key starts with this (lets tests and tenants share one)
+
+    # HTTP API.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535)
+
+    # Event stream: how many events are retained for replay (approximate on Redis).
+    stream_retention: int = Field(default=100_000, ge=100)
+
+    # Processor: significance thresholds (None disables a bound) and batching.
+    tvl_threshold_pct: float | None = Field(default=1.0, ge=0)
+    tvl_threshold_abs: float | None = Field(default=10_000.0, ge=0)
+    price_threshold_pct: float | None = Field(default=0.1, ge=0)
+    price_threshold_abs: float | None = Field(default=None, ge=0)
+    processor_batch: int = Field(default=5_000, ge=1, le=100_000)
+    processor_poll_s: float = Field(default=1.0, gt=0)  # fallback when no wake-up arrives
+
+    # Sources.
+    defillama_api_url: str = "https://api.llama.fi"
+    defillama_coins_url: str = "https://coins.llama.fi"
+    poller_enabled: bool = False  # needs internet; `make run` replays bundled data instead
+    poller_interval_s: float = Field(default=300.0, ge=1)
+    poller_coins: list[str] = ["coingecko:ethereum", "coingecko:bitcoin"]
+    replay_enabled: bool = True
+    replay_speed: float = Field(default=86_400.0, ge=0)  # data seconds per wall second; 0 = max
+    replay_loop: bool = False
+
+    # Keys and tiers.
+    tiers: dict[str, TierLimits] = DEFAULT_TIERS
+    demo_key: bool = True  # `run` creates a demo key once, keeps it in state_dir, prints it
+    state_dir: Path = Path("var")  # local state of the embedded deployment (demo key file)
+
+    # Logging: "console" for people, "json" for machines.
+    log_format: str = "console"
+    log_level: str = "info"
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, v: str) -> str:
+        if not v.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://", "postgresql://",
+                             "sqlite://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        if v.startswith("postgresql://"):
+            v = "postgresql+asyncpg://" + v.removeprefix("postgresql://")
+        if v.startswith("sqlite://") and not v.startswith("sqlite+aiosqlite://"):
+            v = "sqlite+aiosqlite://" + v.removeprefix("sqlite://")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_redis(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value():
+            return None
+        if v is not None and not v.get_secret_value().startswith(("redis://", "rediss://")):
+            raise ValueError("must start with redis:// or rediss://")
+        return v
+
+    @field_validator("log_format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        if v not in ("console", "json"):
+            raise ValueError("must be 'console' or 'json'")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, v: str) -> str:
+        if v.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("must be one of debug, info, warning, error")
+        return v.lower()
+
+    @field_validator("tiers")
+    @classmethod
+    def _has_free(cls, v: dict[str, TierLimits]) -> dict[str, TierLimits]:
+        if "free" not in v:
+            raise ValueError("must define a 'free' tier")
+        return v
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.database_url.startswith("postgresql")
+
+    @property
+    def redis_dsn(self) -> str | None:
+        return self.redis_url.get_secret_value() if self.redis_url else None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = Path(os.environ.get(f"{ENV_PREFIX}CONFIG", "defiwatch.toml"))
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_path))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings; raise ConfigError with one line naming the first bad setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = ".".join(str(p) for p in err["loc"]) or "settings"
+        env = ENV_PREFIX + name.split(".")[0].upper()
+        raise ConfigError(
+            f"invalid setting {env} ({name}): {err['msg']}", field=name
+        ) from exc
