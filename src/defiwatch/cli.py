@@ -1,0 +1,373 @@
+"""The `defiwatch` command line: run roles, migrate, manage keys, replay and import data."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import signal
+import sys
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from defiwatch import __version__
+from defiwatch.config import Settings, load_settings
+from defiwatch.errors import DefiwatchError
+from defiwatch.ops import configure_logging
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+console = Console(stderr=True)
+out = Console()
+
+
+def _settings(**overrides: Any) -> Settings:
+    settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    configure_logging(settings.log_format, settings.log_level)
+    return settings
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except DefiwatchError as exc:
+        console.print(f"defiwatch: {exc.message}", style="red", markup=False, highlight=False)
+        sys.exit(2)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=console, transient=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="defiwatch")
+def cli() -> None:
+    """defiwatch: real-time DeFi TVL and price events.
+
+    Settings come from DEFIWATCH_* environment variables or ./defiwatch.toml. With none set,
+    everything runs embedded: SQLite under ./var/, in-process stream and cache.
+
+    \b
+    Start here:  defiwatch run          (API on :8000, processor, replay of bundled real data)
+    Then:        curl -H "Authorization: Bearer $KEY" localhost:8000/v1/events
+    """
+
+
+@cli.command()
+@click.argument("roles", nargs=-1, type=click.Choice(["all", "api", "processor", "replay", "poller"]))
+@click.option("--speed", type=float, help="Replay speed: data seconds per second (0 = max).")
+@click.option("--port", type=int, help="API port (default 8000).")
+def run(roles: tuple[str, ...], speed: float | None, port: int | None) -> None:
+    """Run roles in this process (default: all enabled roles).
+
+    \b
+    api        HTTP API (docs at /docs, metrics at /metrics)
+    processor  change_log -> events (stream) and latest values (hot cache)
+    replay     bundled real DefiLlama/CoinGecko data, paced by --speed
+    poller     live DefiLlama polling (needs internet; DEFIWATCH_POLLER_ENABLED=true)
+    """
+    settings = _settings(replay_speed=speed, api_port=port)
+    chosen = _roles(settings, roles)
+    _run(_run_platform(settings, chosen))
+
+
+def _roles(settings: Settings, roles: tuple[str, ...]) -> list[str]:
+    if roles and "all" not in roles:
+        return list(roles)
+    chosen = ["api", "processor"]
+    if settings.replay_enabled:
+        chosen.append("replay")
+    if settings.poller_enabled:
+        chosen.append("poller")
+    return chosen
+
+
+async def _run_platform(settings: Settings, roles: list[str]) -> None:
+    from defiwatch.app import open_platform, run_roles
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with open_platform(settings) as platform:
+        key = await _demo_key(platform) if settings.demo_key and "api" in roles else None
+        _banner(settings, roles, key)
+        with _progress() as progress:
+            task = progress.add_task("replay", total=None, visible="replay" in roles)
+
+            def on_progress(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            await run_roles(platform, roles, stop, on_progress=on_progress)
+    console.print("defiwatch stopped.")
+
+
+async def _demo_key(platform: Any) -> str:
+    """A demo key, created once and kept in state_dir so every `make run` can print it."""
+    from defiwatch.store.keys import authenticate, create_key
+
+    path = Path(platform.settings.state_dir) / "demo-key"
+    async with platform.engine.begin() as conn:
+        if path.exists():
+            key = path.read_text().strip()
+            if await authenticate(conn, key) is not None:
+                return key
+        key, _info = await create_key(conn, user="demo", tier="pro",
+                                      scopes=["read", "ingest", "alerts"], name="demo",
+                                      tiers=list(platform.settings.tiers))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key
+
+
+def _banner(settings: Settings, roles: list[str], key: str | None) -> None:
+    base = f"http://{settings.api_host}:{settings.api_port}"
+    backend = "PostgreSQL" if settings.is_postgres else "SQLite"
+    stream = "Redis" if settings.redis_dsn else "in-process"
+    lines = [
+        f"[bold]defiwatch {__version__}[/bold]  roles: {', '.join(roles)}  "
+        f"database: {backend}  stream/cache: {stream}",
+    ]
+    if "api" in roles:
+        lines += [
+            f"  API        {base}      (OpenAPI docs: {base}/docs, metrics: {base}/metrics)",
+            f"  events     curl -H 'Authorization: Bearer {key or '<key>'}' '{base}/v1/events?limit=5'",
+            f"  latest     curl -H 'Authorization: Bearer {key or '<key>'}' "
+            f"'{base}/v1/latest?metric=price'",
+        ]
+        if key:
+            lines.append(f"  demo key   {key}   (kept in {settings.state_dir}/demo-key)")
+    if "replay" in roles:
+        speed = settings.replay_speed
+        lines.append(f"  replay     bundled real data at {speed:g}x"
+                     + (" (one day of data per second)" if speed == 86_400 else ""))
+    lines.append("  stop       Ctrl-C")
+    for line in lines:
+        console.print(line, highlight=False)
+
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply migrations (`run` does this on start too)."""
+    from defiwatch.store import upgrade
+
+    settings = _settings()
+    _run(upgrade(settings.database_url, revision))
+    console.print(f"database at {revision}")
+
+
+@cli.group()
+def keys() -> None:
+    """API keys: create, list, revoke. Keys are shown once and stored hashed."""
+
+
+@keys.command("create")
+@click.option("--user", required=True, help="User name (created if new).")
+@click.option("--tier", default="free", show_default=True, help="free, pro or enterprise.")
+@click.option("--scopes", default="read", show_default=True,
+              help="Comma-separated: read, ingest, alerts, admin.")
+@click.option("--name", default="default", show_default=True, help="A label for the key.")
+def keys_create(user: str, tier: str, scopes: str, name: str) -> None:
+    """Create a key and print it (the only time it is shown)."""
+    from defiwatch.store.keys import create_key
+
+    settings = _settings()
+
+    async def go() -> tuple[str, Any]:
+        async with _engine(settings) as engine, engine.begin() as conn:
+            return await create_key(conn, user=user, tier=tier, name=name, tiers=list(settings.tiers),
+                                    scopes=[s.strip() for s in scopes.split(",") if s.strip()])
+
+    key, info = _run(go())
+    out.print(key, highlight=False)
+    console.print(f"created key {info.prefix} for {info.user} (tier {info.tier}, scopes "
+                  f"{', '.join(info.scopes)}). Store it now: it is not shown again.")
+
+
+@keys.command("list")
+@click.option("--user", help="Only this user's keys.")
+def keys_list(user: str | None) -> None:
+    """List keys (prefixes only, never secrets)."""
+    from defiwatch.store.keys import list_keys
+
+    settings = _settings()
+
+    async def go() -> list[Any]:
+        async with _engine(settings) as engine, engine.connect() as conn:
+            return await list_keys(conn, user=user)
+
+    table = Table("prefix", "user", "tier", "scopes", "name", "status")
+    for k in _run(go()):
+        table.add_row(k.prefix, k.user, k.tier, ",".join(k.scopes), k.name,
+                      "revoked" if k.revoked_at else "active")
+    out.print(table)
+
+
+@keys.command("revoke")
+@click.argument("prefix")
+def keys_revoke(prefix: str) -> None:
+    """Revoke a key by its prefix (as `keys list` shows) or the whole key."""
+    from defiwatch.store.keys import revoke_key
+
+    settings = _settings()
+
+    async def go() -> None:
+        async with _engine(settings) as engine, engine.begin() as conn:
+            await revoke_key(conn, prefix)
+
+    _run(go())
+    console.print(f"revoked {prefix}")
+
+
+class _engine:
+    """Migrated engine for one CLI command, disposed afterwards."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    async def __aenter__(self) -> Any:
+        from defiwatch.store import create_engine, upgrade
+
+        await upgrade(self._settings.database_url)
+        self._engine = create_engine(self._settings.database_url, pool_size=2)
+        return self._engine
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._engine.dispose()
+
+
+@cli.command("replay")
+@click.option("--speed", type=float, default=0.0, show_default=True,
+              help="Data seconds per second; 86400 = a day per second; 0 = as fast as possible.")
+@click.option("--sources", help="Comma-separated source files from the manifest (default: all).")
+@click.option("--from", "start", help="Start date (YYYY-MM-DD, UTC).")
+@click.option("--until", "end", help="End date (YYYY-MM-DD, UTC, exclusive).")
+def replay_cmd(speed: float, sources: str | None, start: str | None, end: str | None) -> None:
+    """Load the bundled real data into the database (a running processor turns it into events)."""
+    from defiwatch.ingest.replay import replay
+    from defiwatch.ingest.service import IngestService
+
+    settings = _settings()
+
+    async def go() -> Any:
+        async with _engine(settings) as engine:
+            with _progress() as progress:
+                task = progress.add_task("replay", total=None)
+                return await replay(
+                    IngestService(engine), speed=speed,
+                    sources=sources.split(",") if sources else None,
+                    start_ts=_date(start), end_ts=_date(end),
+                    on_progress=lambda done, total: progress.update(task, completed=done,
+                                                                    total=total),
+                )
+
+    stats = _run(go())
+    console.print(f"replayed: {stats}")
+
+
+def _date(text: str | None) -> int | None:
+    if text is None:
+        return None
+    from datetime import UTC, datetime
+
+    try:
+        return int(datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC).timestamp())
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r} is not a date like 2024-03-11") from exc
+
+
+@cli.command("ingest-file")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--source", default="file", show_default=True, help="Source name stored with points.")
+@click.option("--batch", default=5000, show_default=True, help="Points per transaction.")
+def ingest_file(path: Path, source: str, batch: int) -> None:
+    """Import points from CSV (header: metric,subject,chain,ts,value) or JSON lines."""
+    from defiwatch.ingest.service import IngestService
+
+    settings = _settings()
+
+    async def go() -> tuple[int, int, list[str]]:
+        accepted = duplicates = 0
+        problems: list[str] = []
+        async with _engine(settings) as engine:
+            service = IngestService(engine)
+            size = await asyncio.to_thread(lambda: path.stat().st_size)
+            with _progress() as progress, path.open("rb") as raw:
+                task = progress.add_task(path.name, total=size)
+                text = io.TextIOWrapper(raw, encoding="utf-8")
+                for chunk, line0 in _chunks(_records(text, path.suffix), batch):
+                    result = await service.ingest_points(chunk, source=source)
+                    accepted += result.accepted
+                    duplicates += len(result.duplicates)
+                    problems += [f"record {line0 + r.index + 1}: {r.field}: {r.reason}"
+                                 for r in result.rejected]
+                    progress.update(task, completed=raw.tell())
+        return accepted, duplicates, problems
+
+    accepted, duplicates, problems = _run(go())
+    console.print(f"{accepted} accepted, {duplicates} duplicates, {len(problems)} rejected")
+    for line in problems[:20]:
+        console.print(f"  {line}")
+    if len(problems) > 20:
+        console.print(f"  ... and {len(problems) - 20} more")
+    if problems:
+        sys.exit(1)
+
+
+def _records(text: io.TextIOWrapper, suffix: str) -> Iterator[dict[str, Any]]:
+    if suffix.lower() == ".csv":
+        for row in csv.DictReader(text):
+            yield {k: _number(v) if k in ("ts", "value") else v for k, v in row.items()}
+        return
+    for line in text:
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                yield {"_invalid": line[:80]}
+
+
+def _number(text: str | None) -> Any:
+    try:
+        return int(text) if text and text.strip().lstrip("-").isdigit() else float(text or "")
+    except ValueError:
+        return text
+
+
+def _chunks(items: Iterator[dict[str, Any]], size: int) -> Iterator[tuple[list[dict[str, Any]], int]]:
+    chunk: list[dict[str, Any]] = []
+    start = 0
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk, start
+            start += size
+            chunk = []
+    if chunk:
+        yield chunk, start
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except DefiwatchError as exc:
+        console.print(f"defiwatch: {exc.message}", style="red", markup=False, highlight=False)
+        sys.exit(2)
+
+

@@ -1,0 +1,6 @@
+"""Processor: change_log -> change detection and enrichment -> event stream and hot cache."""
+
+from defiwatch.processor.processor import Processor
+from defiwatch.processor.wakeup import Wakeup, listen_postgres
+
+__all__ = ["Processor", "Wakeup", "listen_postgres"]
