@@ -11,6 +11,8 @@ deployment's stream is a single ordered log that could not be split across nodes
 | key                  | type   | holds                                                   |
 |----------------------|--------|---------------------------------------------------------|
 | `{p}{stream}:events` | stream | the events; entry id `{offset}-0`, field `e` = JSON     |
+|                      |        | (`{stream}` is the stream's name: `stream` for events,  |
+|                      |        | another name such as `alerts` for a second stream)      |
 | `{p}{stream}:offset` | string | last assigned offset (INCR counter; survives trimming)  |
 | `{p}{stream}:last`   | hash   | `str(series)` -> `"{ts} {value}"` of its last event     |
 | `{p}cache:latest`    | hash   | `str(series)` -> msgspec JSON of its `Latest`           |
@@ -33,19 +35,20 @@ class RedisKeys:
     """Key names under one prefix. Cheap to build; properties return plain strings."""
 
     prefix: str = DEFAULT_PREFIX
+    stream: str = "stream"  # the stream's name: "stream" (events) or e.g. "alerts"
 
     # Event stream (stream/redis.py). The three keys are touched by one script: same hash tag.
     @property
     def stream_events(self) -> str:
-        return f"{self.prefix}{{stream}}:events"
+        return f"{self.prefix}{{{self.stream}}}:events"
 
     @property
     def stream_offset(self) -> str:
-        return f"{self.prefix}{{stream}}:offset"
+        return f"{self.prefix}{{{self.stream}}}:offset"
 
     @property
     def stream_last_published(self) -> str:
-        return f"{self.prefix}{{stream}}:last"
+        return f"{self.prefix}{{{self.stream}}}:last"
 
     # Hot cache (cache/redis.py).
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import hypothesis.strategies as st
 import pytest
@@ -64,15 +65,17 @@ async def open_stream(backend: tuple[str, str] | None) -> AsyncIterator[OpenStre
     opened: list[EventStream] = []
     clients: list[aioredis.Redis] = []
 
-    async def open_(retention: int = 1000) -> EventStream:
+    async def open_(retention: int = 1000, **options: Any) -> EventStream:
+        """`options`: dedup_key (both backends), name (Redis: the stream's own keys)."""
         stream: EventStream
         if backend is None:
-            stream = MemoryEventStream(retention)
+            options.pop("name", None)
+            stream = MemoryEventStream(retention, **options)
         else:
             url, prefix = backend
             client = aioredis.from_url(url)
             clients.append(client)
-            stream = RedisEventStream(client, prefix=prefix, retention=retention)
+            stream = RedisEventStream(client, prefix=prefix, retention=retention, **options)
         opened.append(stream)
         return stream
 
@@ -403,3 +406,23 @@ def test_memory_ring_properties(
             assert stamps == sorted(set(stamps))
 
     asyncio.run(scenario())
+
+
+
+async def test_a_named_stream_with_its_own_dedup_key(open_stream: OpenStream) -> None:
+    """A second stream (fired alerts) is independent of the event stream and dedups per
+    (rule, series): two rules firing on one point both stay, a re-publish adds nothing."""
+    import msgspec
+
+    def by_rule(event: Event) -> str:
+        return f"{(event.detail or {}).get('rule_id')}|{event.series}"
+
+    events = await open_stream()
+    alerts = await open_stream(name="alerts", dedup_key=by_rule)
+    first = msgspec.structs.replace(ev(100), detail={"rule_id": 1})
+    second = msgspec.structs.replace(ev(100), detail={"rule_id": 2})
+    published = await alerts.publish([first, second])
+    assert [(e.offset, e.detail) for e in published] == [(1, {"rule_id": 1}), (2, {"rule_id": 2})]
+    assert await alerts.publish([first, second]) == []
+    assert await events.last_offset() == 0
+    assert [e.offset for e in await events.publish([ev(100)])] == [1]

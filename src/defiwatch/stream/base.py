@@ -5,9 +5,10 @@ Guarantees, checked by one contract suite against both backends (tests/stream/te
 - Offsets are integers, start at 1 and grow by exactly 1 per published event, across restarts
   of publishers (Redis) or for the life of the process (memory).
 - Per series, events are published in increasing `ts`; `publish` drops an event whose `ts` is not
-  newer than the last published `ts` of its series. The check and the append are one atomic step,
-  so a processor that re-publishes a batch after a crash adds nothing twice: exactly once per
-  (series, ts) in the stream.
+  newer than the last published `ts` of its series. ("Series" is the stream's dedup key, by
+  default `metric|subject|chain`; a stream of fired alerts uses rule and series instead.)
+  The check and the append are one atomic step, so a processor that re-publishes a batch
+  after a crash adds nothing twice: exactly once per (series, ts) in the stream.
 - Retention is bounded (`retention` events, approximately on Redis); `read(since)` returns events
   with offset > `since`. When `since` is older than the oldest retained offset the slice says
   `gap=True`, so a caller can tell a clean resume from a hole. A `since` beyond the newest
@@ -17,14 +18,21 @@ Guarantees, checked by one contract suite against both backends (tests/stream/te
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import msgspec
 
 from defiwatch.domain import Event, SeriesKey
 
-__all__ = ["EventStream", "StreamSlice"]
+__all__ = ["DedupKey", "EventStream", "StreamSlice", "series_key"]
+
+DedupKey = Callable[[Event], str]
+
+
+def series_key(event: Event) -> str:
+    """The default dedup identity: the event's series (`metric|subject|chain`)."""
+    return str(event.series)
 
 
 class StreamSlice(msgspec.Struct, frozen=True):

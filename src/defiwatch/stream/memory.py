@@ -29,7 +29,7 @@ import structlog
 from prometheus_client import Counter, Histogram
 
 from defiwatch.domain import Event, SeriesKey
-from defiwatch.stream.base import StreamSlice
+from defiwatch.stream.base import DedupKey, StreamSlice, series_key
 
 __all__ = [
     "STREAM_DEDUPLICATED",
@@ -83,9 +83,10 @@ class MemoryEventStream:
     Args:
         retention: how many of the newest events are kept for `read`, exactly (>= 1). Older
             events are dropped as new ones arrive; readers behind them get `gap=True`.
+        dedup_key: the identity whose `ts` must increase (default: the event's series).
     """
 
-    def __init__(self, retention: int) -> None:
+    def __init__(self, retention: int, *, dedup_key: DedupKey = series_key) -> None:
         if retention < 1:
             raise ValueError(f"retention must be >= 1 event, got {retention}")
         # Offsets in the ring are dense: ring[i].offset == ring[0].offset + i.
@@ -93,7 +94,8 @@ class MemoryEventStream:
         self._last_offset = 0
         # Series -> (ts, value) of its newest published event; never trimmed, so the dedup
         # holds for series whose events have left the ring.
-        self._last: dict[SeriesKey, tuple[int, float | None]] = {}
+        self._last: dict[str, tuple[int, float | None]] = {}
+        self._dedup_key = dedup_key
         # Set (and replaced) on every publish that appended something; waiters hold the old one.
         self._appended = asyncio.Event()
         self._closed = False
@@ -111,7 +113,7 @@ class MemoryEventStream:
         appended: list[Event] = []
         # No await from here to the wake-up below: check and append are one atomic step.
         for event in events:
-            series = event.series
+            series = self._dedup_key(event)
             last = self._last.get(series)
             if last is not None and event.ts <= last[0]:
                 continue
@@ -184,7 +186,7 @@ class MemoryEventStream:
         (protocol_update events carry no value)."""
         out: dict[SeriesKey, tuple[int, float]] = {}
         for key in series:
-            last = self._last.get(key)
+            last = self._last.get(str(key))
             if last is not None:
                 out[key] = (last[0], math.nan if last[1] is None else last[1])
         return out

@@ -31,7 +31,7 @@ import structlog
 from defiwatch.domain import Event, SeriesKey
 from defiwatch.errors import BackendUnavailable
 from defiwatch.redis_keys import STREAM_ENTRY_FIELD, RedisKeys
-from defiwatch.stream.base import StreamSlice
+from defiwatch.stream.base import DedupKey, StreamSlice, series_key
 from defiwatch.stream.memory import (
     STREAM_DEDUPLICATED,
     STREAM_PUBLISH_SECONDS,
@@ -96,16 +96,27 @@ class RedisEventStream:
     Args:
         client: a `redis.asyncio.Redis`; owned by the caller. Its `socket_timeout` (seconds,
             None = no limit) bounds each blocking XREAD in `wait`, which is split to fit.
-        prefix: the key prefix (`DEFIWATCH_REDIS_PREFIX`); streams with one prefix are one stream.
+        prefix: the key prefix (`DEFIWATCH_REDIS_PREFIX`).
+        name: the stream's name within the prefix ("stream" = the event stream).
+        dedup_key: the identity whose `ts` must increase (default: the event's series).
         retention: events kept for `read` (>= 1); approximate: Redis trims whole radix-tree
             nodes (`MAXLEN ~`), so it may keep up to about 100 more, never fewer.
     """
 
-    def __init__(self, client: aioredis.Redis, *, prefix: str, retention: int) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str,
+        retention: int,
+        name: str = "stream",
+        dedup_key: DedupKey = series_key,
+    ) -> None:
         if retention < 1:
             raise ValueError(f"retention must be >= 1 event, got {retention}")
         self._client = client
-        self._keys = RedisKeys(prefix)
+        self._keys = RedisKeys(prefix, name)
+        self._dedup_key = dedup_key
         self._retention = retention
         self._publish_script = client.register_script(_PUBLISH_LUA)
         self._encoder = msgspec.json.Encoder()
@@ -149,7 +160,7 @@ class RedisEventStream:
         for event in events:
             stored = event if event.offset == 0 else msgspec.structs.replace(event, offset=0)
             value = "" if event.value is None else repr(float(event.value))
-            args += [str(event.series), event.ts, value, self._encoder.encode(stored)]
+            args += [self._dedup_key(event), event.ts, value, self._encoder.encode(stored)]
         keys = [
             self._keys.stream_events,
             self._keys.stream_offset,
