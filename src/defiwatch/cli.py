@@ -29,6 +29,11 @@ console = Console(stderr=True)
 out = Console()
 
 
+def _fail(exc: DefiwatchError) -> None:
+    """One plain line on stderr (no wrapping, no markup): scripts and people both read it."""
+    click.echo(f"defiwatch: {exc.message}", err=True)
+
+
 def _settings(**overrides: Any) -> Settings:
     settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
     configure_logging(settings.log_format, settings.log_level)
@@ -39,7 +44,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except DefiwatchError as exc:
-        console.print(f"defiwatch: {exc.message}", style="red", markup=False, highlight=False)
+        _fail(exc)
         sys.exit(2)
 
 
@@ -367,7 +372,7 @@ def main() -> None:
     try:
         cli(standalone_mode=True)
     except DefiwatchError as exc:
-        console.print(f"defiwatch: {exc.message}", style="red", markup=False, highlight=False)
+        _fail(exc)
         sys.exit(2)
 
 

@@ -83,6 +83,27 @@ class Settings(BaseSettings):
     replay_speed: float = Field(default=86_400.0, ge=0)  # data seconds per wall second; 0 = max
     replay_loop: bool = False
 
+    # WebSocket gateway (gateway/). Limits per node; tier limits per key come from `tiers`.
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(default=8001, ge=0, le=65535)
+    socketio_port: int = Field(default=8002, ge=0, le=65535)  # Socket.IO compatibility server
+    gateway_tls_cert: Path | None = None  # PEM certificate chain; with gateway_tls_key enables wss
+    gateway_tls_key: Path | None = None
+    gateway_max_connections: int = Field(default=20_000, ge=1)  # per node
+    gateway_connect_rate: float = Field(default=1_000.0, gt=0)  # new connections per second per node
+    gateway_send_queue: int = Field(default=1_000, ge=10)  # frames buffered per connection
+    gateway_ping_interval_s: float = Field(default=20.0, gt=0)
+    gateway_ping_timeout_s: float = Field(default=20.0, gt=0)
+    gateway_auth_timeout_s: float = Field(default=5.0, gt=0)  # for a first `auth` message
+
+    # Alert engine (alerts/).
+    alerts_stream_retention: int = Field(default=100_000, ge=100)  # fired alerts kept for replay
+    alerts_consumer_group: str = "alerts"  # Redis consumer group shared by alert workers
+    alerts_batch: int = Field(default=1_000, ge=1)
+    alerts_rule_refresh_s: float = Field(default=0.5, gt=0)  # rule changes visible within this
+    alerts_default_throttle_minutes: float = Field(default=5.0, ge=0)
+    alerts_claim_idle_s: float = Field(default=30.0, gt=0)  # reclaim a dead worker's entries after
+
     # Keys and tiers.
     tiers: dict[str, TierLimits] = DEFAULT_TIERS
     demo_key: bool = True  # `run` creates a demo key once, keeps it in state_dir, prints it
@@ -163,6 +184,5 @@ def load_settings(**overrides: Any) -> Settings:
         err = exc.errors()[0]
         name = ".".join(str(p) for p in err["loc"]) or "settings"
         env = ENV_PREFIX + name.split(".")[0].upper()
-        raise ConfigError(
-            f"invalid setting {env} ({name}): {err['msg']}", field=name
-        ) from exc
+        reason = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"invalid setting {env} ({name}): {reason}", field=name) from exc
