@@ -129,9 +129,10 @@ async def run_roles(
     if server is not None:
         lasting.append(asyncio.create_task(server.serve(), name="api"))
     if "replay" in roles:
+        start_ts, end_ts = s.replay_window
         lasting.append(asyncio.create_task(
             replay(platform.ingest, speed=s.replay_speed, loop=s.replay_loop, stop=stop,
-                   on_progress=on_progress),
+                   start_ts=start_ts, end_ts=end_ts, on_progress=on_progress),
             name="replay"))
     platform.tasks.extend(lasting)
     stopper = asyncio.create_task(stop.wait())

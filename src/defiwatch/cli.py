@@ -154,11 +154,12 @@ def _banner(settings: Settings, roles: list[str], key: str | None) -> None:
             lines.append(f"  demo key   {key}   (kept in {settings.state_dir}/demo-key)")
     if "replay" in roles:
         speed = settings.replay_speed
-        lines.append(f"  replay     bundled real data at {speed:g}x"
+        window = f"from {settings.replay_from or 'the start'} to {settings.replay_until or 'the end'}"
+        lines.append(f"  replay     bundled real data {window} at {speed:g}x"
                      + (" (one day of data per second)" if speed == 86_400 else ""))
     lines.append("  stop       Ctrl-C")
     for line in lines:
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 @cli.group()

@@ -9,6 +9,7 @@ under `./var/`, in-process stream and cache. Setting `DEFIWATCH_DATABASE_URL` to
 from __future__ import annotations
 
 import os
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,10 @@ class Settings(BaseSettings):
     replay_enabled: bool = True
     replay_speed: float = Field(default=86_400.0, ge=0)  # data seconds per wall second; 0 = max
     replay_loop: bool = False
+    # Data window `run` replays: from 2020 both TVL and prices are dense, so a newcomer sees
+    # both kinds of event within seconds. None = from the oldest (2013) / to the newest point.
+    replay_from: date | None = date(2020, 1, 1)
+    replay_until: date | None = None
 
     # WebSocket gateway (gateway/). Limits per node; tier limits per key come from `tiers`.
     gateway_host: str = "127.0.0.1"
@@ -154,6 +159,17 @@ class Settings(BaseSettings):
         if "free" not in v:
             raise ValueError("must define a 'free' tier")
         return v
+
+    @property
+    def replay_window(self) -> tuple[int | None, int | None]:
+        """`replay_from` / `replay_until` as epoch seconds (UTC midnight)."""
+
+        def epoch(day: date | None) -> int | None:
+            if day is None:
+                return None
+            return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
+
+        return epoch(self.replay_from), epoch(self.replay_until)
 
     @property
     def is_postgres(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import httpx
@@ -162,3 +163,14 @@ async def test_keys_with_underscores_in_the_secret_authenticate(platform: Platfo
     async with platform.engine.connect() as conn:
         for key in keys:
             assert await authenticate(conn, key) is not None
+
+
+async def test_metrics_are_exported_without_redirect(client: httpx.AsyncClient,
+                                                      platform: Platform) -> None:
+    source = f"metrics-{uuid.uuid4().hex[:8]}"  # counters are process-wide: a label of our own
+    await platform.ingest.ingest_points(
+        [{"metric": "tvl", "subject": "aave", "ts": T0, "value": 1.0}], source=source)
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert f'defiwatch_ingest_points_total{{outcome="accepted",source="{source}"}} 1.0' in (
+        response.text)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
-from prometheus_client import make_asgi_app
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from defiwatch import __version__
@@ -38,5 +37,4 @@ def create_app(ctx: ApiContext) -> FastAPI:
     install_error_handlers(app)
     for module in (health, events, latest, ingest):
         app.include_router(module.router)
-    app.mount("/metrics", make_asgi_app())
     return app

@@ -1,11 +1,13 @@
-"""Liveness and readiness. Readiness really talks to the database, the stream and the cache."""
+"""Liveness, readiness and Prometheus metrics. Readiness really talks to the database, the
+stream and the cache."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 router = APIRouter(tags=["health"])
@@ -35,3 +37,8 @@ async def readyz(request: Request) -> JSONResponse:
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
                         status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics of this process", include_in_schema=False)
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
