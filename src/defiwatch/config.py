@@ -153,6 +153,19 @@ class Settings(BaseSettings):
             raise ValueError("must be one of debug, info, warning, error")
         return v.lower()
 
+    @field_validator("tiers", mode="before")
+    @classmethod
+    def _merge_tiers(cls, v: Any) -> Any:
+        """Overrides merge into the defaults: DEFIWATCH_TIERS__PRO__ALERT_RULES=200 changes one
+        limit of one tier and keeps the rest."""
+        if not isinstance(v, dict):
+            return v
+        merged: dict[str, Any] = {name: limits.model_dump() for name, limits in DEFAULT_TIERS.items()}
+        for name, limits in v.items():
+            given = limits.model_dump() if isinstance(limits, TierLimits) else limits
+            merged[name] = {**merged.get(name, {}), **given} if isinstance(given, dict) else given
+        return merged
+
     @field_validator("tiers")
     @classmethod
     def _has_free(cls, v: dict[str, TierLimits]) -> dict[str, TierLimits]:
