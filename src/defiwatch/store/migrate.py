@@ -24,6 +24,7 @@ def _upgrade_sync(database_url: str, revision: str) -> None:
     command.upgrade(alembic_config(database_url), revision)
 
 
-async def upgrade(database_url: str, revision: str = "head") -> None:
-    """Bring the database to `revision`. Runs in a thread: env.py drives its own event loop."""
+async def upgrade(database_url: str, revision: str = "heads") -> None:
+    """Bring the database to `revision` (default: every head, so independent migration
+    branches all apply). Runs in a thread: env.py drives its own event loop."""
     await asyncio.to_thread(_upgrade_sync, database_url, revision)
