@@ -8,6 +8,7 @@ what it already holds, so every change appears exactly once per (series, ts).
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Callable, Sequence
 
@@ -41,7 +42,8 @@ ROWS = Counter("defiwatch_processor_rows_total", "change_log rows processed, by 
                ["decision"])
 EVENTS = Counter("defiwatch_processor_events_total", "Events published", ["type"])
 LAG = Histogram(
-    "defiwatch_processor_lag_seconds", "change_log row written to batch published",
+    "defiwatch_processor_lag_seconds",
+    "Oldest change_log row of a batch: written to published (one observation per batch)",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 BATCH = Histogram("defiwatch_processor_batch_seconds", "Time to process one batch")
@@ -163,10 +165,11 @@ class Processor:
         now = self._clock()
         events: list[Event] = []
         latest: dict[SeriesKey, Latest] = {}
+        decisions: collections.Counter[str] = collections.Counter()
         for r in rows:
             if r.kind == "protocol":
                 events.append(_protocol_event(r, now))
-                ROWS.labels("protocol_update").inc()
+                decisions["protocol_update"] += 1
                 continue
             if r.value is None:
                 continue
@@ -174,19 +177,22 @@ class Processor:
             state = self._states[key]
             point = Point(r.metric, r.subject, r.chain, r.ts, r.value, r.source)
             decision, event, windowed = self._detector.observe(state, point, now=now)
-            ROWS.labels(decision.value).inc()
+            decisions[decision.value] += 1
             if event is not None:
                 events.append(event)
             if state.newest_ts == r.ts:
                 latest[key] = Latest(r.metric, r.subject, r.chain, r.ts, r.value, **windowed)
+        # Counted per batch, not per row: per-row metric calls cost ~5 % of the processor's CPU.
+        for decision_name, count in decisions.items():
+            ROWS.labels(decision_name).inc(count)
         return events, list(latest.values())
 
     def _observe(self, rows: Sequence[ChangeRow], published: Sequence[Event]) -> None:
-        now = time.time()
-        for r in rows:
-            LAG.observe(max(0.0, now - r.created_at))
-        for e in published:
-            EVENTS.labels(e.type).inc()
+        # One observation per batch: its oldest row, the worst lag any row of it had.
+        LAG.observe(max(0.0, time.time() - min(r.created_at for r in rows)))
+        types = collections.Counter(e.type for e in published)
+        for event_type, count in types.items():
+            EVENTS.labels(event_type).inc(count)
         if published:
             log.debug("processor.published", events=len(published), last_offset=published[-1].offset)
 

@@ -37,8 +37,10 @@ async def insert_points(conn: AsyncConnection, batch: Sequence[Point]) -> list[b
         .on_conflict_do_nothing(index_elements=["metric", "subject", "chain", "ts"])
         .returning(points.c.metric, points.c.subject, points.c.chain, points.c.ts)
     )
-    result = await conn.execute(stmt, rows)
-    inserted = {tuple(r) for r in result.all()}
+    returned = (await conn.execute(stmt, rows)).all()
+    if len(returned) == len(rows) and len(rows) == len(batch):
+        return [True] * len(batch)  # the common case: all new, no set to build
+    inserted = {tuple(r) for r in returned}
     return [
         first[(p.metric, p.subject, p.chain, p.ts)] == i
         and (p.metric, p.subject, p.chain, p.ts) in inserted
