@@ -11,32 +11,13 @@ import time
 from collections.abc import Sequence
 
 import structlog
-from prometheus_client import Counter, Histogram
 
+from defiwatch.cache.metrics import PutRecorder
 from defiwatch.domain import Latest, SeriesKey
 
-__all__ = ["CACHE_PUT_SECONDS", "CACHE_STALE", "CACHE_WRITTEN", "MemoryHotCache"]
+__all__ = ["MemoryHotCache"]
 
 log = structlog.get_logger(__name__)
-
-# Prometheus metrics are process-global: each is defined once here and shared by every cache
-# backend (cache/redis.py imports them), told apart by the `backend` label.
-CACHE_WRITTEN = Counter(
-    "defiwatch_cache_entries_written",
-    "Hot cache entries stored by put_latest (new series or a ts at least as new).",
-    ["backend"],
-)
-CACHE_STALE = Counter(
-    "defiwatch_cache_entries_stale",
-    "Hot cache entries put_latest ignored because the cache already held a newer ts.",
-    ["backend"],
-)
-CACHE_PUT_SECONDS = Histogram(
-    "defiwatch_cache_put_seconds",
-    "Time to apply one put_latest batch, in seconds.",
-    ["backend"],
-    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-)
 
 _BACKEND = "memory"
 
@@ -46,9 +27,7 @@ class MemoryHotCache:
 
     def __init__(self) -> None:
         self._latest: dict[SeriesKey, Latest] = {}
-        self._written = CACHE_WRITTEN.labels(backend=_BACKEND)
-        self._stale = CACHE_STALE.labels(backend=_BACKEND)
-        self._latency = CACHE_PUT_SECONDS.labels(backend=_BACKEND)
+        self._metrics = PutRecorder(_BACKEND)
 
     async def put_latest(self, items: Sequence[Latest]) -> None:
         """Store each item unless its series already holds a newer `ts`.
@@ -65,11 +44,7 @@ class MemoryHotCache:
                 stale += 1
                 continue
             self._latest[series] = item
-        if stale:
-            self._stale.inc(stale)
-            log.debug("cache.put.stale", backend=_BACKEND, stale=stale)
-        self._written.inc(len(items) - stale)
-        self._latency.observe(time.perf_counter() - started)
+        self._metrics.record(len(items) - stale, stale, started)
 
     async def get_latest(
         self,

@@ -19,7 +19,7 @@ import msgspec
 import redis.asyncio as aioredis
 import structlog
 
-from defiwatch.cache.memory import CACHE_PUT_SECONDS, CACHE_STALE, CACHE_WRITTEN
+from defiwatch.cache.metrics import PutRecorder
 from defiwatch.domain import Latest, SeriesKey
 from defiwatch.redis_keys import RedisKeys
 from defiwatch.stream.redis import redis_unavailable
@@ -57,9 +57,7 @@ class RedisHotCache:
         self._put_script = client.register_script(_PUT_LATEST_LUA)
         self._encoder = msgspec.json.Encoder()
         self._decoder = msgspec.json.Decoder(Latest)
-        self._written = CACHE_WRITTEN.labels(backend=_BACKEND)
-        self._stale = CACHE_STALE.labels(backend=_BACKEND)
-        self._latency = CACHE_PUT_SECONDS.labels(backend=_BACKEND)
+        self._metrics = PutRecorder(_BACKEND)
 
     async def put_latest(self, items: Sequence[Latest]) -> None:
         """Store each item unless its series already holds a newer `ts` (equal ts overwrites).
@@ -77,11 +75,7 @@ class RedisHotCache:
         with redis_unavailable("cache.put_latest"):
             written = int(await self._put_script(keys=[self._key], args=args))
         stale = len(items) - written
-        if stale:
-            self._stale.inc(stale)
-            log.debug("cache.put.stale", backend=_BACKEND, stale=stale)
-        self._written.inc(written)
-        self._latency.observe(time.perf_counter() - started)
+        self._metrics.record(written, stale, started)
 
     async def get_latest(
         self,
