@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, date, datetime
+from email.utils import parseaddr
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -31,18 +40,21 @@ ENV_PREFIX = "DEFIWATCH_"
 class TierLimits(BaseModel, frozen=True):
     """Limits of one API key tier. Counts are per key; rates per minute."""
 
-    ws_connections: int = Field(ge=0)
-    ws_messages_per_minute: int = Field(ge=0)
+    ws_connections: int = Field(ge=0)  # open WebSocket connections per key (per gateway node)
+    ws_messages_per_minute: int = Field(ge=0)  # inbound WebSocket messages per connection
+    # Subscriptions per WebSocket connection. A default keeps tier tables written before this
+    # field valid; 0 means the key may connect but not subscribe.
+    ws_subscriptions: int = Field(default=10, ge=0)
     api_requests_per_minute: int = Field(ge=0)
     alert_rules: int = Field(ge=0)
 
 
 DEFAULT_TIERS = {
-    "free": TierLimits(ws_connections=5, ws_messages_per_minute=100,
+    "free": TierLimits(ws_connections=5, ws_messages_per_minute=100, ws_subscriptions=10,
                        api_requests_per_minute=60, alert_rules=5),
-    "pro": TierLimits(ws_connections=50, ws_messages_per_minute=1_000,
+    "pro": TierLimits(ws_connections=50, ws_messages_per_minute=1_000, ws_subscriptions=100,
                       api_requests_per_minute=600, alert_rules=100),
-    "enterprise": TierLimits(ws_connections=1_000, ws_messages_per_minute=10_000,
+    "enterprise": TierLimits(ws_connections=1_000, ws_messages_per_minute=10_000, ws_subscriptions=1_000,
                              api_requests_per_minute=6_000, alert_rules=1_000),
 }
 
@@ -100,6 +112,9 @@ class Settings(BaseSettings):
     gateway_ping_interval_s: float = Field(default=20.0, gt=0)
     gateway_ping_timeout_s: float = Field(default=20.0, gt=0)
     gateway_auth_timeout_s: float = Field(default=5.0, gt=0)  # for a first `auth` message
+    # How long a closing connection waits for the client's close frame before dropping TCP
+    # (a dead or stalled client never sends it).
+    gateway_close_timeout_s: float = Field(default=5.0, gt=0)
 
     # Alert engine (alerts/).
     alerts_stream_retention: int = Field(default=100_000, ge=100)  # fired alerts kept for replay
@@ -117,6 +132,52 @@ class Settings(BaseSettings):
     # Logging: "console" for people, "json" for machines.
     log_format: str = "console"
     log_level: str = "info"
+
+    # Analytic queries (query/, POST /v1/query/advanced, DefiLlama-compatible routes).
+    query_statement_timeout_ms: int = Field(default=5_000, ge=10)  # per statement; over = 400
+    query_max_rows: int = Field(default=10_000, ge=1)  # rows per page: the ceiling of `limit`
+    query_default_rows: int = Field(default=100, ge=1)  # `limit` when the request has none
+    query_max_depth: int = Field(default=6, ge=1)  # nesting of and/or/not in where and having
+    query_max_conditions: int = Field(default=64, ge=1)  # leaf conditions in where + having
+    query_max_in_values: int = Field(default=1_000, ge=1)  # values in one in/nin list
+    query_max_aggregations: int = Field(default=16, ge=1)
+    query_max_group_by: int = Field(default=4, ge=1)  # group keys (fields and one time bucket)
+    query_max_sort: int = Field(default=4, ge=1)  # sort keys
+    query_max_body_bytes: int = Field(default=65_536, ge=1_024)  # request body of one query
+    query_cache_ttl_s: float = Field(default=300.0, ge=0)  # result cache lifetime; 0 = no cache
+    query_cache_max_entries: int = Field(default=10_000, ge=1)  # in-process result cache only
+    # DefiLlama-compatible routes without a key (then rate-limited per client IP, free tier).
+    query_compat_public: bool = False
+    # Per-tier API rate limits (tiers.*.api_requests_per_minute); off only for local benchmarks.
+    query_rate_limit_enabled: bool = True
+
+    # Notification delivery (notify/): SMTP, Web Push, HTTP, SSRF allow-list, retries, breaker.
+    notify_smtp_host: str = "localhost"
+    notify_smtp_port: int | None = Field(default=None, ge=1, le=65535)  # None: 25/587/465 by mode
+    notify_smtp_mode: Literal["plain", "starttls", "tls"] = "starttls"  # tls = implicit (465)
+    notify_smtp_user: str | None = None  # no AUTH when None
+    notify_smtp_password: SecretStr | None = None
+    notify_smtp_from: str = "defiwatch <alerts@localhost>"  # From header; its domain ends Message-IDs
+    notify_smtp_timeout_s: float = Field(default=30.0, gt=0)  # per SMTP command
+    notify_smtp_ca_file: Path | None = None  # PEM bundle to trust a private relay; None = system
+    # VAPID key (RFC 8292) for Web Push: a PEM or base64url raw private key, inline or in a file.
+    # Neither set = push not configured (push notifications fail with reason not_configured).
+    notify_vapid_private_key: SecretStr | None = None
+    notify_vapid_private_key_file: Path | None = None
+    notify_vapid_subject: str = "mailto:admin@localhost"  # contact for push services: mailto:/https:
+    # How long a push service keeps a message for an offline device, seconds; 0 = now or never.
+    notify_push_ttl_s: int = Field(default=86_400, ge=0, le=2_419_200)
+    notify_webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)  # one HTTP attempt, DNS to last byte
+    notify_http_max_connections: int = Field(default=100, ge=1)  # shared by webhook, chat, push
+    # SSRF allow-list: CIDRs, addresses, host names, `*.suffix`; JSON list or comma-separated.
+    # Empty = public addresses only. Cloud metadata addresses need an exact entry.
+    notify_ssrf_allow: Annotated[list[str], NoDecode] = []
+    notify_retry_max_attempts: int = Field(default=8, ge=1, le=100)  # attempts in all, first included
+    notify_retry_base_delay_s: float = Field(default=10.0, ge=1)  # ceiling of the first wait
+    notify_retry_max_delay_s: float = Field(default=36_000.0, ge=1)  # cap of any wait (and Retry-After)
+    notify_breaker_failures: int = Field(default=5, ge=1)  # consecutive failures opening a host's circuit
+    notify_breaker_open_s: float = Field(default=60.0, gt=0)  # first open interval
+    notify_breaker_max_open_s: float = Field(default=1_800.0, gt=0)  # cap as failed probes double it
 
     @field_validator("database_url")
     @classmethod
@@ -171,6 +232,58 @@ class Settings(BaseSettings):
     def _has_free(cls, v: dict[str, TierLimits]) -> dict[str, TierLimits]:
         if "free" not in v:
             raise ValueError("must define a 'free' tier")
+        return v
+
+    @field_validator("notify_ssrf_allow", mode="before")
+    @classmethod
+    def _split_allow(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return v
+
+    @field_validator("notify_ssrf_allow")
+    @classmethod
+    def _valid_allow(cls, v: list[str]) -> list[str]:
+        if v:  # imported only when used: notify/ pulls in the HTTP and crypto stacks
+            from defiwatch.notify.ssrf import AllowList
+
+            AllowList.parse(v)
+        return v
+
+    @field_validator("notify_smtp_from")
+    @classmethod
+    def _from_address(cls, v: str) -> str:
+        _, address = parseaddr(v)
+        if "@" not in address or any(c in v for c in "\r\n"):
+            raise ValueError("must be an address, e.g. 'defiwatch <alerts@example.com>'")
+        return v
+
+    @field_validator("notify_vapid_subject")
+    @classmethod
+    def _vapid_subject(cls, v: str) -> str:
+        if not v.startswith(("mailto:", "https://")):
+            raise ValueError("must be a mailto: or https:// contact URI")
+        return v
+
+    @field_validator("notify_retry_max_delay_s")
+    @classmethod
+    def _retry_bounds(cls, v: float, info: ValidationInfo) -> float:
+        base = info.data.get("notify_retry_base_delay_s")
+        if base is not None and v < base:
+            raise ValueError("must be at least notify_retry_base_delay_s")
+        return v
+
+    @field_validator("notify_breaker_max_open_s")
+    @classmethod
+    def _breaker_bounds(cls, v: float, info: ValidationInfo) -> float:
+        first = info.data.get("notify_breaker_open_s")
+        if first is not None and v < first:
+            raise ValueError("must be at least notify_breaker_open_s")
         return v
 
     @property
