@@ -32,9 +32,12 @@ from pydantic_settings import (
 
 from defiwatch.errors import ConfigError
 
-__all__ = ["Settings", "TierLimits", "load_settings"]
+__all__ = ["ROLES", "Settings", "TierLimits", "load_settings"]
 
 ENV_PREFIX = "DEFIWATCH_"
+
+# What `defiwatch run` can run in one process (app.py wires each).
+ROLES = ("api", "processor", "gateway", "replay", "poller")
 
 
 class TierLimits(BaseModel, frozen=True):

@@ -15,7 +15,10 @@ deployment's stream is a single ordered log that could not be split across nodes
 |                      |        | another name such as `alerts` for a second stream)      |
 | `{p}{stream}:offset` | string | last assigned offset (INCR counter; survives trimming)  |
 | `{p}{stream}:last`   | hash   | `str(series)` -> `"{ts} {value}"` of its last event     |
+| `{p}{stream}:epoch`  | string | random id of this life of the stream (SET NX)           |
 | `{p}cache:latest`    | hash   | `str(series)` -> msgspec JSON of its `Latest`           |
+| `{p}query:result:{h}`| string | a cached query answer (msgpack), TTL query_cache_ttl_s  |
+| `{p}ratelimit:{who}` | string | GCRA theoretical arrival time (µs) of a key or client IP|
 """
 
 from __future__ import annotations
@@ -50,7 +53,19 @@ class RedisKeys:
     def stream_last_published(self) -> str:
         return f"{self.prefix}{{{self.stream}}}:last"
 
+    @property
+    def stream_epoch(self) -> str:
+        return f"{self.prefix}{{{self.stream}}}:epoch"
+
     # Hot cache (cache/redis.py).
     @property
     def cache_latest(self) -> str:
         return f"{self.prefix}cache:latest"
+
+    # Query result cache (query/cache.py): `digest` is the hash of the normalised query.
+    def query_result(self, digest: str) -> str:
+        return f"{self.prefix}query:result:{digest}"
+
+    # API rate limits (api/ratelimit.py): `who` is `key:{id}` or `ip:{address}`.
+    def rate_limit(self, who: str) -> str:
+        return f"{self.prefix}ratelimit:{who}"

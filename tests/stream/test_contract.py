@@ -426,3 +426,30 @@ async def test_a_named_stream_with_its_own_dedup_key(open_stream: OpenStream) ->
     assert await alerts.publish([first, second]) == []
     assert await events.last_offset() == 0
     assert [e.offset for e in await events.publish([ev(100)])] == [1]
+
+
+async def test_epoch_names_one_life_of_the_stream(open_stream: OpenStream) -> None:
+    """Stable across calls and publishes, shared by every reader of the same stream; a
+    different stream (or, for memory, a new object: a restarted process) has another one."""
+    stream = await open_stream()
+    epoch = await stream.epoch()
+    assert isinstance(epoch, str) and epoch
+    await stream.publish([ev(1)])
+    assert await stream.epoch() == epoch
+    assert await (await open_stream(name="alerts")).epoch() != epoch
+    again = await open_stream()
+    if isinstance(stream, MemoryEventStream):
+        assert await again.epoch() != epoch  # a new ring: offsets restarted
+    else:
+        assert await again.epoch() == epoch  # same prefix and name: the same Redis stream
+
+
+async def test_redis_epoch_changes_when_the_stream_is_lost(redis_url: str, redis_prefix: str) -> None:
+    client = aioredis.from_url(redis_url)
+    try:
+        stream = RedisEventStream(client, prefix=redis_prefix, retention=100)
+        before = await stream.epoch()
+        await client.delete(RedisKeys(redis_prefix).stream_epoch)  # as a FLUSHALL would
+        assert await stream.epoch() != before
+    finally:
+        await client.aclose()

@@ -14,6 +14,11 @@ Guarantees, checked by one contract suite against both backends (tests/stream/te
   `gap=True`, so a caller can tell a clean resume from a hole. A `since` beyond the newest
   offset also says `gap=True`: the stream restarted (memory) or was reset, and the caller's
   position means nothing here any more.
+- `epoch()` names one life of the stream: offsets from two different epochs are unrelated. It is
+  stable for the life of the stream (a MemoryEventStream object; a Redis stream until its keys
+  are deleted, e.g. a FLUSHALL) and the same for every reader of that stream, so a reader that
+  kept `(epoch, offset)` can tell a resumable position from one of a lost stream even after new
+  offsets have passed it.
 """
 
 from __future__ import annotations
@@ -64,6 +69,10 @@ class EventStream(Protocol):
         ...
 
     async def last_offset(self) -> int:
+        ...
+
+    async def epoch(self) -> str:
+        """An opaque id of this life of the stream (see the module docstring); never empty."""
         ...
 
     async def last_published(

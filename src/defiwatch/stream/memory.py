@@ -5,7 +5,7 @@ role, so publisher and readers share this object. It keeps every guarantee of
 `defiwatch.stream.base` (checked by tests/stream/test_contract.py); offsets restart at 1 with
 the process. A reader holding an offset from before a restart gets `gap=True` while that offset
 is beyond `last_offset` (see `has_gap`); once new offsets pass it, nothing can tell the two lives
-apart, because the interface has no stream epoch (yet).
+apart by offsets alone: `epoch()` (a random id per object) tells them apart.
 
 Events returned by `publish` and `read` are the ring's own objects, shared by every reader: treat
 them as read-only.
@@ -21,45 +21,20 @@ import asyncio
 import itertools
 import math
 import time
+import uuid
 from collections import deque
 from collections.abc import Sequence
 
 import msgspec
 import structlog
-from prometheus_client import Counter, Histogram
 
 from defiwatch.domain import Event, SeriesKey
 from defiwatch.stream.base import DedupKey, StreamSlice, series_key
+from defiwatch.stream.metrics import PublishRecorder
 
-__all__ = [
-    "STREAM_DEDUPLICATED",
-    "STREAM_PUBLISHED",
-    "STREAM_PUBLISH_SECONDS",
-    "MemoryEventStream",
-    "has_gap",
-]
+__all__ = ["MemoryEventStream", "has_gap"]
 
 log = structlog.get_logger(__name__)
-
-# Prometheus metrics are process-global: each is defined once here and shared by every stream
-# backend (stream/redis.py imports them), told apart by the `backend` label.
-STREAM_PUBLISHED = Counter(
-    "defiwatch_stream_events_published",
-    "Events appended to the event stream.",
-    ["backend"],
-)
-STREAM_DEDUPLICATED = Counter(
-    "defiwatch_stream_events_deduplicated",
-    "Events dropped by publish because their series already had an event with ts >= theirs "
-    "(crash replays, out-of-order producers).",
-    ["backend"],
-)
-STREAM_PUBLISH_SECONDS = Histogram(
-    "defiwatch_stream_publish_seconds",
-    "Time to publish one batch (dedup and append), in seconds.",
-    ["backend"],
-    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-)
 
 _BACKEND = "memory"
 
@@ -99,9 +74,8 @@ class MemoryEventStream:
         # Set (and replaced) on every publish that appended something; waiters hold the old one.
         self._appended = asyncio.Event()
         self._closed = False
-        self._published = STREAM_PUBLISHED.labels(backend=_BACKEND)
-        self._deduplicated = STREAM_DEDUPLICATED.labels(backend=_BACKEND)
-        self._latency = STREAM_PUBLISH_SECONDS.labels(backend=_BACKEND)
+        self._epoch = uuid.uuid4().hex  # this object is the stream's whole life
+        self._metrics = PublishRecorder(_BACKEND)
 
     async def publish(self, events: Sequence[Event]) -> list[Event]:
         """Append the events newer than their series' last published `ts`; return them.
@@ -126,12 +100,7 @@ class MemoryEventStream:
             # Wake every current waiter, then give future waiters a fresh, unset event.
             self._appended.set()
             self._appended = asyncio.Event()
-        skipped = len(events) - len(appended)
-        if skipped:
-            self._deduplicated.inc(skipped)
-            log.debug("stream.publish.deduplicated", backend=_BACKEND, skipped=skipped)
-        self._published.inc(len(appended))
-        self._latency.observe(time.perf_counter() - started)
+        self._metrics.record(len(events), len(appended), started)
         return appended
 
     async def read(self, since: int, limit: int) -> StreamSlice:
@@ -178,6 +147,10 @@ class MemoryEventStream:
 
     async def last_offset(self) -> int:
         return self._last_offset
+
+    async def epoch(self) -> str:
+        """A random id chosen when this object was made: offsets restart with the process."""
+        return self._epoch
 
     async def last_published(
         self, series: Sequence[SeriesKey]

@@ -4,7 +4,8 @@ Layout (names in `defiwatch.redis_keys`): one stream whose entry ids are `{offse
 offset *is* the entry id and `read(since)` is an XRANGE; an INCR counter that hands out offsets
 (kept apart from the stream, so trimming never resets it); a hash with each series' last
 published `"{ts} {value}"` for the dedup. `stream/lua/publish.lua` checks, numbers and appends a
-whole batch in one atomic script call (see its header).
+whole batch in one atomic script call (see its header). A fourth key holds the stream's epoch,
+a random id created by the first `epoch()` call (SET NX) and gone with the other keys.
 
 Entries hold the event JSON with `offset` 0; the entry id is the only record of the offset and
 is set on the decoded event when reading.
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import math
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
@@ -32,12 +34,8 @@ from defiwatch.domain import Event, SeriesKey
 from defiwatch.errors import BackendUnavailable
 from defiwatch.redis_keys import STREAM_ENTRY_FIELD, RedisKeys
 from defiwatch.stream.base import DedupKey, StreamSlice, series_key
-from defiwatch.stream.memory import (
-    STREAM_DEDUPLICATED,
-    STREAM_PUBLISH_SECONDS,
-    STREAM_PUBLISHED,
-    has_gap,
-)
+from defiwatch.stream.memory import has_gap
+from defiwatch.stream.metrics import PublishRecorder
 
 __all__ = ["REDIS_UNAVAILABLE_ERRORS", "RedisEventStream", "redis_unavailable"]
 
@@ -131,9 +129,7 @@ class RedisEventStream:
             if socket_timeout is None
             else float(socket_timeout) - min(1.0, float(socket_timeout) / 2)
         )
-        self._published = STREAM_PUBLISHED.labels(backend=_BACKEND)
-        self._deduplicated = STREAM_DEDUPLICATED.labels(backend=_BACKEND)
-        self._latency = STREAM_PUBLISH_SECONDS.labels(backend=_BACKEND)
+        self._metrics = PublishRecorder(_BACKEND)
 
     async def publish(self, events: Sequence[Event]) -> list[Event]:
         """Append the events newer than their series' last published `ts`; return them.
@@ -173,12 +169,7 @@ class RedisEventStream:
             for event, offset in zip(events, offsets, strict=True)
             if offset
         ]
-        skipped = len(events) - len(appended)
-        if skipped:
-            self._deduplicated.inc(skipped)
-            log.debug("stream.publish.deduplicated", backend=_BACKEND, skipped=skipped)
-        self._published.inc(len(appended))
-        self._latency.observe(time.perf_counter() - started)
+        self._metrics.record(len(events), len(appended), started)
         return appended
 
     async def read(self, since: int, limit: int) -> StreamSlice:
@@ -249,6 +240,22 @@ class RedisEventStream:
         with redis_unavailable("stream.last_offset"):
             raw = await self._client.get(self._keys.stream_offset)
         return int(raw) if raw is not None else 0
+
+    async def epoch(self) -> str:
+        """The stream's epoch: created once by whichever reader asks first (SET NX), then
+        shared by every process using this prefix and name, until the keys are deleted.
+
+        Raises:
+            BackendUnavailable: Redis could not be reached.
+        """
+        key = self._keys.stream_epoch
+        with redis_unavailable("stream.epoch"):
+            # MULTI/EXEC: the GET sees either the value we just set or the one that was there.
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.set(key, uuid.uuid4().hex, nx=True)
+                pipe.get(key)
+                replies: list[Any] = await pipe.execute()
+        return _text(replies[1])
 
     async def last_published(
         self, series: Sequence[SeriesKey]

@@ -1,0 +1,26 @@
+"""The real-time gateway: streams events to WebSocket clients (protocol v1, docs/protocol.md).
+
+protocol.py parses and builds frames (sans I/O); hub.py routes events to subscriptions with the
+encoded bytes shared; session.py is one connection's protocol state (transport-agnostic, for a
+Socket.IO adapter too); server.py is the `websockets` server that moves the bytes.
+"""
+
+from defiwatch.gateway.hub import Hub, Subscriber, Subscription
+from defiwatch.gateway.protocol import PATH, PROTOCOL_VERSION, Channel, CloseCode, ErrorCode
+from defiwatch.gateway.server import Gateway
+from defiwatch.gateway.session import Output, Session, authenticate_key
+
+__all__ = [
+    "PATH",
+    "PROTOCOL_VERSION",
+    "Channel",
+    "CloseCode",
+    "ErrorCode",
+    "Gateway",
+    "Hub",
+    "Output",
+    "Session",
+    "Subscriber",
+    "Subscription",
+    "authenticate_key",
+]

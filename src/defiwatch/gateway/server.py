@@ -1,0 +1,575 @@
+"""The WebSocket gateway: a `websockets` server that moves the hub's bytes to sockets.
+
+One `Gateway` per process serves `/v1/realtime`. It runs one reader task per stream (events and,
+when given, fired alerts), not one per client: each reader follows its stream from the offset it
+found at start and hands every event to the hub, which fans it out. Several gateways can run at
+once (each reads the Redis stream and serves its own clients); nothing is shared between them
+but the streams.
+
+Sending. A frame for a connection is written straight to its socket (websockets' `broadcast`
+path: a synchronous write, no task switch, no copy of the shared bytes) while the socket's write
+buffer is under its high-water mark. When it is over (the client reads slowly) frames wait in the
+connection's bounded `Outbox`, drained by a writer task that honours the socket's flow control;
+when the outbox is full it conflates, and when that is not enough the connection is closed with
+4008 and the client recovers with `since`. So a slow client costs its own memory (bounded by
+`gateway_send_queue` frames plus the write limit) and never delays anyone else.
+
+Refusals. Per node: a connection cap and a connect-rate cap refuse at the handshake with HTTP
+503 and `Retry-After` (`process_request`). Per key (counted on this node): the tier's connection
+limit closes with 4030 after authentication. Bad keys get an `error` frame, then 4001.
+
+Shutdown (`stop`): stop listening, stop the readers, close every connection with 1012 so clients
+reconnect to another gateway and resume with `since`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Hashable
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+from defiwatch import __version__
+from defiwatch.cache import HotCache
+from defiwatch.config import Settings, TierLimits
+from defiwatch.domain import Event
+from defiwatch.errors import BackendUnavailable, ConfigError
+from defiwatch.gateway import metrics
+from defiwatch.gateway.hub import Hub
+from defiwatch.gateway.limits import ConnectionCounter, TokenBucket
+from defiwatch.gateway.outbox import Outbox, PushResult
+from defiwatch.gateway.protocol import (
+    ALERTS_CHANNEL,
+    PATH,
+    Auth,
+    CloseCode,
+    ErrorCode,
+    Rejection,
+    api_key_from_request,
+    error_frame,
+    parse_client_frame,
+)
+from defiwatch.gateway.session import Session, authenticate_key
+from defiwatch.store.keys import Principal
+from defiwatch.stream import EventStream
+
+__all__ = ["MAX_INBOUND_BYTES", "WRITE_LIMIT_BYTES", "Gateway"]
+
+log = structlog.get_logger(__name__)
+
+# Clients send small JSON commands; a larger frame is refused by websockets with 1009.
+MAX_INBOUND_BYTES = 64 * 1024
+# The socket write buffer's high-water mark: below it frames are written straight through,
+# above it they wait in the connection's outbox (websockets' write_limit, same meaning).
+WRITE_LIMIT_BYTES = 64 * 1024
+_READ_BATCH = 1_000  # events per stream read of a reader
+_WAIT_S = 5.0  # one blocking wait of a reader (XREAD BLOCK on Redis); cancelled at stop
+_YIELD_EVERY = 5_000  # deliveries after which a reader yields to the event loop
+_RETRY_MIN_S, _RETRY_MAX_S = 0.5, 10.0  # reader backoff while a stream is unavailable
+_NODE_FULL_RETRY_AFTER_S = 5
+
+
+class _Connection:
+    """The outgoing side of one WebSocket connection: the hub's subscriber and the session's
+    `Output` (see the module docstring for the write path).
+
+    Invariant: frames wait in the outbox only while the writer task runs, so "no writer" means
+    "nothing queued" and `_direct` (no writer, not closing) is the whole fast-path test.
+    """
+
+    __slots__ = ("_direct", "_low", "_outbox", "_protocol", "_send_data", "_space", "_tasks",
+                 "_transport", "_writer", "close_code", "closing", "ws")
+
+    def __init__(self, ws: ServerConnection, *, capacity: int, tasks: set[asyncio.Task[Any]]
+                 ) -> None:
+        self.ws = ws
+        # Bound once: the hot path below runs once per event per connection.
+        self._transport = ws.transport
+        self._protocol = ws.protocol
+        self._send_data = ws.send_data
+        self._outbox = Outbox(capacity)
+        self._low = capacity // 2  # drained() waits for the outbox to fall to this
+        self._space = asyncio.Event()
+        self._space.set()
+        self._writer: asyncio.Task[None] | None = None
+        self._direct = True
+        self._tasks = tasks
+        self.closing = False
+        self.close_code: int | None = None
+
+    # Subscriber (hot path: once per event per subscribed connection).
+    def deliver(self, channel: str, event: Event, frame: bytes) -> None:
+        if self._direct and self._transport.get_write_buffer_size() < WRITE_LIMIT_BYTES:
+            self._write(frame)
+        elif not self.closing:
+            # Slow path: the key lets a newer frame of the same series replace this one when
+            # the outbox is full. Alerts are never replaced (key None).
+            self._queue(frame, None if channel == ALERTS_CHANNEL else (channel, event.series))
+
+    def _write(self, frame: bytes) -> None:
+        # What `websockets.broadcast` does for each connection (the same two calls, the same
+        # skip of a connection that is not open), minus its per-call argument checks: about
+        # 10-15 % of a fan-out's CPU (docs/gateway-notes.md). No await: nothing can interleave.
+        protocol = self._protocol
+        if protocol.state is not State.OPEN:
+            return
+        try:
+            protocol.send_text(frame)
+            self._send_data()
+        except Exception as exc:  # a dying transport; the handler sees the close, cleans up
+            log.debug("gateway.write_failed", connection=str(self.ws.id), error=repr(exc))
+
+    # Output.
+    def send(self, frame: bytes) -> None:
+        if self._direct and self._transport.get_write_buffer_size() < WRITE_LIMIT_BYTES:
+            self._write(frame)
+        elif not self.closing:
+            self._queue(frame, None)
+
+    @property
+    def closed(self) -> bool:
+        return self.closing
+
+    def close(self, code: int, reason: str) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self._direct = False
+        self.close_code = code
+        dropped = self._outbox.clear()
+        if dropped:
+            metrics.FRAMES_DROPPED.inc(dropped)
+        self._space.set()
+        self._spawn(self.ws.close(code, reason))
+
+    async def drained(self) -> None:
+        while len(self._outbox) > self._low and not self.closing:
+            self._space.clear()
+            await self._space.wait()
+
+    def _queue(self, frame: bytes, key: Hashable | None) -> None:
+        before = self._outbox.conflated
+        result = self._outbox.push(frame, key)
+        if result is PushResult.OVERFLOW:
+            log.warning("gateway.slow_consumer", connection=str(self.ws.id),
+                        queued=len(self._outbox))
+            self.close(CloseCode.TOO_SLOW, "too slow: send buffer full")
+            return
+        if result is PushResult.CONFLATED:
+            metrics.FRAMES_CONFLATED.labels("buffer").inc(self._outbox.conflated - before)
+        if self._writer is None:
+            self._direct = False
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._outbox and not self.closing:
+                frame = self._outbox.popleft()
+                if len(self._outbox) <= self._low:
+                    self._space.set()
+                # send() writes, then waits while the socket is over its high-water mark.
+                await self.ws.send(frame, text=True)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._writer = None
+            self._direct = not self.closing
+            self._space.set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # keep a reference until done (asyncio holds tasks weakly)
+        task.add_done_callback(self._tasks.discard)
+
+
+class Gateway:
+    """The WebSocket gateway of one process (see the module docstring).
+
+    Args:
+        settings: `gateway_*` settings (host, port, TLS, caps, heartbeat) and `tiers`.
+        engine: the database, to authenticate API keys.
+        stream: the event stream (read by this gateway's reader; replays).
+        cache: the hot cache (`latest` after an unrecoverable gap).
+        alerts: the fired-alerts stream (events `alert_fired`/`alert_resolved` with
+            `detail.user_id`); None: the `alerts` channel accepts subscriptions but stays quiet.
+        hub: the hub to fan out through (default: a new one); pass one to share it with
+            another transport (Socket.IO) in the same process.
+        node_id: this gateway's name in welcome frames and logs (default: host and a random id).
+
+    Use `await serve(stop)` (start, wait for `stop`, stop), or `start()` / `stop()`.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        engine: AsyncEngine,
+        stream: EventStream,
+        cache: HotCache,
+        alerts: EventStream | None = None,
+        hub: Hub | None = None,
+        node_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.hub = hub if hub is not None else Hub()
+        self.node_id = node_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self._engine = engine
+        self._stream = stream
+        self._cache = cache
+        self._alerts = alerts
+        self._ssl = _ssl_context(settings)
+        self._server: Server | None = None
+        self._port: int | None = None
+        self._readers: list[asyncio.Task[None]] = []
+        self._handlers: dict[ServerConnection, _Connection | None] = {}
+        self._per_key = ConnectionCounter()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._connect_bucket: TokenBucket | None = None
+        self._monotonic: Callable[[], float] = time.monotonic
+        self._stopping = False
+        self._log = log.bind(node=self.node_id)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the real one when settings asked for 0), from `start` on."""
+        if self._port is None:
+            raise RuntimeError("the gateway is not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        scheme = "wss" if self._ssl is not None else "ws"
+        return f"{scheme}://{self.settings.gateway_host}:{self.port}{PATH}"
+
+    @property
+    def connection_count(self) -> int:
+        """Connections whose handler runs on this node (authenticating or open)."""
+        return len(self._handlers)
+
+    async def start(self) -> None:
+        """Listen and start the stream readers; live delivery begins at the streams' current
+        last offsets (clients catch up on anything older with `since`).
+
+        Raises:
+            BackendUnavailable: a stream could not be reached.
+            OSError: the port could not be bound.
+        """
+        if self._server is not None:
+            raise RuntimeError("the gateway is already started")
+        s = self.settings
+        self._connect_bucket = TokenBucket(s.gateway_connect_rate, max(1.0, s.gateway_connect_rate),
+                                           self._monotonic())
+        positions: list[tuple[EventStream, str, Callable[[Event], Awaitable[int]], int]] = [
+            (self._stream, "events", self.hub.publish_async, await self._stream.last_offset())]
+        if self._alerts is not None:
+            positions.append((self._alerts, "alerts", self.hub.publish_alert_async,
+                              await self._alerts.last_offset()))
+        self._server = await serve(
+            self._handle, s.gateway_host, s.gateway_port,
+            process_request=self._process_request,
+            # Per-message deflate would compress every frame once per connection, undoing the
+            # encode-once fan-out (and costing ~300 KiB of zlib state per connection).
+            compression=None,
+            ping_interval=s.gateway_ping_interval_s, ping_timeout=s.gateway_ping_timeout_s,
+            close_timeout=s.gateway_close_timeout_s,
+            max_size=MAX_INBOUND_BYTES, write_limit=WRITE_LIMIT_BYTES,
+            ssl=self._ssl, server_header=f"defiwatch/{__version__}",
+        )
+        self._port = int(next(iter(self._server.sockets)).getsockname()[1])
+        for stream, name, publish, position in positions:
+            self._readers.append(asyncio.create_task(
+                self._read(stream, name, publish, position), name=f"gateway-reader-{name}"))
+        self._log.info("gateway.started", url=self.url, tls=self._ssl is not None,
+                       positions={name: pos for _, name, _, pos in positions})
+
+    async def stop(self) -> None:
+        """Stop listening and reading, close every connection with 1012 and wait for their
+        handlers to finish. Idempotent."""
+        if self._server is None or self._stopping:
+            return
+        self._stopping = True
+        server = self._server
+        server.close(close_connections=False)  # stop accepting; open connections are ours
+        await self._stop_readers()
+        self._close_all(CloseCode.SERVICE_RESTART, "server restart")
+        await server.wait_closed()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._log.info("gateway.stopped")
+
+    async def _stop_readers(self) -> None:
+        # redis-py can swallow a cancellation that lands on a blocking read's own deadline
+        # (seen under load with XREAD BLOCK): then the reader goes on. It also checks
+        # `_stopping` after every wait, so it ends within one wait (_WAIT_S) at the latest; we
+        # cancel again meanwhile, which normally lands.
+        pending = {reader for reader in self._readers if not reader.done()}
+        deadline = asyncio.get_running_loop().time() + _WAIT_S + 1
+        while pending:
+            for reader in pending:
+                reader.cancel()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                self._log.error("gateway.reader_stop_timeout", readers=len(pending))
+                return
+            _, pending = await asyncio.wait(pending, timeout=min(1.0, remaining))
+            if pending:
+                self._log.warning("gateway.reader_slow_to_stop", readers=len(pending))
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set, then shut down gracefully (1012)."""
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    def _close_all(self, code: int, reason: str) -> None:
+        for ws, conn in list(self._handlers.items()):
+            if conn is not None:
+                conn.close(code, reason)
+            else:  # still authenticating
+                self._spawn(ws.close(code, reason))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- handshake ------------------------------------------------------------------------
+
+    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        """Refuse at the HTTP handshake: wrong path (404), node full or connecting too fast
+        (503 with Retry-After). Runs before any WebSocket frame, so it is cheap to say no."""
+        if urlsplit(request.path).path != PATH:
+            metrics.HANDSHAKES_REFUSED.labels("not_found").inc()
+            return ws.respond(HTTPStatus.NOT_FOUND, f"not found: the endpoint is {PATH}\n")
+        if self._stopping:
+            return self._unavailable(ws, "stopping", 1, "the gateway is shutting down")
+        if len(self._handlers) >= self.settings.gateway_max_connections:
+            return self._unavailable(ws, "node_full", _NODE_FULL_RETRY_AFTER_S,
+                                     "this gateway is at its connection cap")
+        bucket = self._connect_bucket
+        assert bucket is not None
+        now = self._monotonic()
+        if not bucket.take(now):
+            return self._unavailable(ws, "connect_rate", bucket.retry_after(now),
+                                     "too many new connections")
+        return None
+
+    def _unavailable(self, ws: ServerConnection, reason: str, retry_after: int, text: str
+                     ) -> Response:
+        metrics.HANDSHAKES_REFUSED.labels(reason).inc()
+        self._log.info("gateway.refused", reason=reason, retry_after_s=retry_after)
+        response = ws.respond(HTTPStatus.SERVICE_UNAVAILABLE,
+                              f"{text}; retry in {retry_after} s or use another gateway\n")
+        response.headers["Retry-After"] = str(retry_after)
+        return response
+
+    # --- connections ----------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self._handlers[ws] = None
+        principal: Principal | None = None
+        conn: _Connection | None = None
+        session: Session | None = None
+        welcomed = False
+        connection_id = uuid.uuid4().hex
+        clog = self._log.bind(connection_id=connection_id)
+        try:
+            principal = await self._authenticate(ws)
+            if principal is None:
+                return
+            limits = self._limits(principal.tier)
+            if not self._per_key.acquire(principal.key_id, limits.ws_connections):
+                await self._refuse(ws, Rejection(
+                    ErrorCode.TOO_MANY_CONNECTIONS,
+                    f"this key already has {limits.ws_connections} connections open on this "
+                    "gateway (its tier's limit); close one first"),
+                    CloseCode.TOO_MANY_CONNECTIONS, "too_many_connections")
+                principal = None  # nothing acquired, nothing to release
+                return
+            conn = _Connection(ws, capacity=self.settings.gateway_send_queue, tasks=self._tasks)
+            self._handlers[ws] = conn
+            session = Session(connection_id=connection_id, principal=principal, limits=limits,
+                              hub=self.hub, output=conn, events=self._stream,
+                              alerts=self._alerts, cache=self._cache,
+                              replay_page=min(500, max(1, self.settings.gateway_send_queue // 4)))
+            if self._stopping:
+                conn.close(CloseCode.SERVICE_RESTART, "server restart")
+                return
+            await session.start(node=self.node_id)
+            welcomed = True
+            metrics.CONNECTIONS.inc()
+            metrics.CONNECTIONS_OPENED.inc()
+            clog.info("gateway.connected", user=principal.user, tier=principal.tier)
+            async for message in ws:
+                await session.handle(message)
+        except ConnectionClosed:
+            pass
+        except BackendUnavailable as exc:
+            clog.warning("gateway.backend_unavailable", error=exc.message)
+            await self._refuse(ws, Rejection(ErrorCode.BACKEND_UNAVAILABLE, exc.message,
+                                             temporary=True),
+                               CloseCode.TRY_AGAIN_LATER, "backend_unavailable")
+        except Exception:
+            clog.exception("gateway.handler_failed")
+            if conn is not None:
+                conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+            else:
+                await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self._handlers.pop(ws, None)
+            if session is not None:
+                session.close()
+            if principal is not None:
+                self._per_key.release(principal.key_id)
+            if welcomed:
+                metrics.CONNECTIONS.dec()
+            code = ws.close_code if ws.close_code is not None else (
+                conn.close_code if conn is not None and conn.close_code is not None else 1006)
+            metrics.CLOSES.labels(str(code)).inc()
+            clog.info("gateway.disconnected", code=code)
+
+    async def _authenticate(self, ws: ServerConnection) -> Principal | None:
+        """The connection's principal, or None after refusing it (error frame, then 4001)."""
+        request = ws.request
+        assert request is not None  # the handler runs after the handshake
+        key = api_key_from_request(request.headers, request.path)
+        if key is None:
+            timeout = self.settings.gateway_auth_timeout_s
+            try:
+                async with asyncio.timeout(timeout):
+                    raw = await ws.recv()
+            except TimeoutError:
+                await self._refuse(ws, Rejection(
+                    ErrorCode.UNAUTHORIZED,
+                    f"no API key: send 'Authorization: Bearer <key>', 'X-API-Key', ?apiKey= or "
+                    f"a first message {{\"type\": \"auth\", \"api_key\": ...}} within {timeout:g} s",
+                    "api_key"), CloseCode.UNAUTHORIZED, "unauthorized")
+                return None
+            command = parse_client_frame(raw)
+            if not isinstance(command, Auth):
+                await self._refuse(ws, Rejection(
+                    ErrorCode.UNAUTHORIZED,
+                    "the handshake carried no API key, so the first message must be "
+                    "{\"type\": \"auth\", \"api_key\": ...}",
+                    command.field if isinstance(command, Rejection) else "type",
+                    None if isinstance(command, Rejection) else command.id),
+                    CloseCode.UNAUTHORIZED, "unauthorized")
+                return None
+            key = command.api_key
+        try:
+            result = await authenticate_key(self._engine, key)
+        except (SQLAlchemyError, OSError) as exc:
+            raise BackendUnavailable(
+                f"the database could not be reached to check the API key ({type(exc).__name__}); "
+                "reconnect later") from exc
+        if isinstance(result, Rejection):
+            code = (CloseCode.FORBIDDEN if result.code is ErrorCode.FORBIDDEN
+                    else CloseCode.UNAUTHORIZED)
+            await self._refuse(ws, result, code, result.code.value)
+            return None
+        return result
+
+    async def _refuse(self, ws: ServerConnection, rejection: Rejection, code: int, reason: str
+                      ) -> None:
+        metrics.HANDSHAKES_REFUSED.labels(reason).inc()
+        self._log.info("gateway.refused", reason=reason, code=code)
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(error_frame(rejection), text=True)
+            await ws.close(code, reason)
+
+    def _limits(self, tier: str) -> TierLimits:
+        tiers = self.settings.tiers
+        return tiers.get(tier) or tiers["free"]
+
+    # --- stream readers -------------------------------------------------------------------
+
+    async def _read(self, stream: EventStream, name: str,
+                    publish: Callable[[Event], Awaitable[int]], position: int) -> None:
+        """Follow one stream from `position`, handing each event to the hub, until cancelled
+        (or, should a cancellation get lost in the Redis client, until `_stopping`)."""
+        delay = _RETRY_MIN_S
+        rlog = self._log.bind(stream=name)
+        while not self._stopping:
+            try:
+                await stream.wait(position, _WAIT_S)
+                while not self._stopping:
+                    page = await stream.read(position, _READ_BATCH)
+                    if page.gap:
+                        position = self._on_gap(name, position, page.first_offset,
+                                                page.last_offset)
+                        continue
+                    fanout = 0
+                    for event in page.events:
+                        position = event.offset
+                        fanout += await publish(event)
+                        if fanout >= _YIELD_EVERY:
+                            # Never hold the loop for a whole page of a big fan-out.
+                            await asyncio.sleep(0)
+                            fanout = 0
+                    if len(page.events) < _READ_BATCH:
+                        break
+                delay = _RETRY_MIN_S
+            except asyncio.CancelledError:
+                raise
+            except BackendUnavailable as exc:
+                rlog.warning("gateway.reader_unavailable", error=exc.message, retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+            except Exception:
+                rlog.exception("gateway.reader_failed", retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+
+    def _on_gap(self, name: str, position: int, first: int, last: int) -> int:
+        """The reader lost events (it fell behind retention) or the stream restarted: every
+        connection may now hold a hole, so close them all with 1012; clients resubscribe with
+        `since` and learn `recovered: false`. Returns where to read on from."""
+        metrics.READER_GAPS.labels(name).inc()
+        restarted = position > last
+        self._log.warning("gateway.reader_gap", stream=name, position=position,
+                          first_offset=first, last_offset=last, restarted=restarted)
+        self._close_all(CloseCode.SERVICE_RESTART, f"{name} stream gap")
+        if restarted:
+            return 0
+        return first - 1 if first else last
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """TLS 1.3 or nothing: the certificate chain and key from settings, when both are set.
+
+    Raises:
+        ConfigError: only one of them is set, or they cannot be loaded.
+    """
+    cert, key = settings.gateway_tls_cert, settings.gateway_tls_key
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError(
+            "set both DEFIWATCH_GATEWAY_TLS_CERT and DEFIWATCH_GATEWAY_TLS_KEY (or neither)",
+            field="gateway_tls_cert" if cert is None else "gateway_tls_key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the gateway TLS certificate {cert} and key {key}: {exc}",
+                          field="gateway_tls_cert") from exc
+    return context
