@@ -2,13 +2,15 @@
 
 protocol.py parses and builds frames (sans I/O); hub.py routes events to subscriptions with the
 encoded bytes shared; session.py is one connection's protocol state (transport-agnostic, for a
-Socket.IO adapter too); server.py is the `websockets` server that moves the bytes.
+Socket.IO adapter too); server.py is the `websockets` server that moves the bytes;
+socketio.py serves the original Socket.IO API (python-socketio) on the same hub.
 """
 
 from defiwatch.gateway.hub import Hub, Subscriber, Subscription
 from defiwatch.gateway.protocol import PATH, PROTOCOL_VERSION, Channel, CloseCode, ErrorCode
 from defiwatch.gateway.server import Gateway
 from defiwatch.gateway.session import Output, Session, authenticate_key
+from defiwatch.gateway.socketio import SocketIOServer
 
 __all__ = [
     "PATH",
@@ -20,6 +22,7 @@ __all__ = [
     "Hub",
     "Output",
     "Session",
+    "SocketIOServer",
     "Subscriber",
     "Subscription",
     "authenticate_key",
