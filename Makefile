@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP_RUN  := $(VENV)/.installed-run
 STAMP_DEV  := $(VENV)/.installed-dev
 
-.PHONY: run test lint typecheck bench-ingest clean
+.PHONY: run test lint typecheck bench-ingest bench-ws clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("defiwatch needs Python 3.11+") if sys.version_info < (3, 11) else None'
@@ -36,6 +36,9 @@ typecheck: $(STAMP_DEV)
 
 bench-ingest: $(STAMP_DEV)
 	$(BIN)/python bench/ingest.py
+
+bench-ws: $(STAMP_DEV)
+	$(BIN)/python bench/ws_fanout.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache
