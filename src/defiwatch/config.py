@@ -37,7 +37,7 @@ __all__ = ["ROLES", "Settings", "TierLimits", "load_settings"]
 ENV_PREFIX = "DEFIWATCH_"
 
 # What `defiwatch run` can run in one process (app.py wires each).
-ROLES = ("api", "processor", "gateway", "replay", "poller")
+ROLES = ("api", "processor", "gateway", "alerts", "replay", "poller")
 
 
 class TierLimits(BaseModel, frozen=True):

@@ -8,10 +8,13 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from defiwatch import __version__
+from defiwatch.alerts.config import AlertsApiConfig
 from defiwatch.api.errors import install_error_handlers
-from defiwatch.api.routes import events, health, ingest, latest
+from defiwatch.api.ratelimit import RateLimiter, RateLimitMiddleware
+from defiwatch.api.routes import alerts, events, health, ingest, latest, llama, query
 from defiwatch.cache import HotCache
 from defiwatch.ingest.service import IngestService
+from defiwatch.query import QueryService
 from defiwatch.stream import EventStream
 
 __all__ = ["ApiContext", "create_app"]
@@ -24,6 +27,10 @@ class ApiContext:
     cache: HotCache
     ingest: IngestService
     touched: dict[int, float] = field(default_factory=dict)
+    alerts: AlertsApiConfig = field(default_factory=AlertsApiConfig)  # rule limits per tier
+    query: QueryService | None = None  # None: an in-process one is made on first use
+    rate_limiter: RateLimiter | None = None  # None: no rate limits
+    compat_public: bool = False  # DefiLlama-compatible routes without a key
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
@@ -35,6 +42,12 @@ def create_app(ctx: ApiContext) -> FastAPI:
     )
     app.state.ctx = ctx
     install_error_handlers(app)
-    for module in (health, events, latest, ingest):
+    for module in (health, events, latest, ingest, alerts):
         app.include_router(module.router)
+    app.include_router(query.router)
+    app.include_router(llama.router)
+    # Last: `/{api_key}/...` (DefiLlama Pro's key-in-path form) must not shadow other routes.
+    app.include_router(llama.router, prefix="/{api_key}", include_in_schema=False)
+    if ctx.rate_limiter is not None:
+        app.add_middleware(RateLimitMiddleware, limiter=ctx.rate_limiter)
     return app

@@ -10,6 +10,7 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     Double,
     ForeignKey,
@@ -18,10 +19,12 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
 )
 
-__all__ = ["api_keys", "change_log", "metadata", "points", "processor_cursors", "protocols", "users"]
+__all__ = ["api_keys", "change_log", "metadata", "points", "processor_cursors", "protocols",
+           "query_latest", "query_refresh", "query_snapshot", "users"]
 
 metadata = MetaData()
 
@@ -107,4 +110,182 @@ api_keys = Table(
     Column("created_at", Double, nullable=False),
     Column("revoked_at", Double),
     Column("last_used_at", Double),
+)
+
+# Query read model (migration 0003, maintained by query/index.py from change_log, never by
+# ingest): the newest point of every series, and per protocol its total TVL, windowed changes
+# and token market cap. `query_refresh` holds how far change_log has been applied.
+query_latest = Table(
+    "query_latest",
+    metadata,
+    Column("metric", String(40), primary_key=True),
+    Column("subject", String(160), primary_key=True),
+    Column("chain", String(120), primary_key=True),
+    Column("ts", BigInteger, nullable=False),
+    Column("value", Double, nullable=False),
+)
+
+query_snapshot = Table(
+    "query_snapshot",
+    metadata,
+    Column("slug", String(160), primary_key=True),
+    Column("tvl", Double),
+    Column("tvl_ts", BigInteger),
+    Column("change_1h", Double),
+    Column("change_24h", Double),
+    Column("change_7d", Double),
+    Column("mcap", Double),
+    Column("mcap_ts", BigInteger),
+)
+
+query_refresh = Table(
+    "query_refresh",
+    metadata,
+    Column("name", String(40), primary_key=True),
+    Column("watermark", Text),  # SQLite: change_log id; PostgreSQL: pg_snapshot text; NULL: never
+    Column("locked_at", Double, nullable=False),
+    Column("refreshed_at", Double, nullable=False),
+)
+
+
+# --- alerts (migration 0002; store/alerts.py) ---------------------------------------------------
+
+# Rules are soft-deleted (`deleted_at`) so that the alert engine, which follows `revision`, sees
+# deletions like any other change. `watch` lists the series keys the condition names, space
+# separated with a leading and trailing space, for the API's filters (LIKE '% key %').
+alert_rules = Table(
+    "alert_rules",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(120), nullable=False),
+    Column("description", String(1000)),
+    Column("condition", JSON, nullable=False),
+    Column("channels", JSON, nullable=False),
+    Column("for_seconds", Double, nullable=False),
+    Column("throttle_minutes", Double, nullable=False),
+    Column("repeat_minutes", Double),
+    Column("notify_on_resolve", Boolean, nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("paused", Boolean, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("watch", String(4000), nullable=False),
+    Column("revision", BigInteger, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("deleted_at", Double),
+    Index("ix_alert_rules_user_id", "user_id", "id"),
+    Index("ix_alert_rules_revision", "revision"),
+)
+
+# One row (id 1): the revision of the newest rule change. Every rule write increments it in its
+# own transaction, which also serialises rule writers (tier limits cannot be raced past).
+alert_rule_revision = Table(
+    "alert_rule_revision",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("revision", BigInteger, nullable=False),
+)
+
+# The lifecycle state of each alert instance (alerts/lifecycle.py InstanceState as JSON).
+# `series` is how the engine finds the rows an event can touch: the instance's series for a
+# wildcard rule and for a rule on one series, '' for a rule on several series (found by id).
+alert_states = Table(
+    "alert_states",
+    metadata,
+    Column("rule_id", BigInteger, ForeignKey("alert_rules.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("instance", String(400), primary_key=True),
+    Column("series", String(400), nullable=False),
+    Column("phase", String(16), nullable=False),
+    Column("state", JSON, nullable=False),
+    Column("due_at", Double),
+    Column("updated_at", Double, nullable=False),
+    Index("ix_alert_states_series", "series"),
+    Index("ix_alert_states_due_at", "due_at"),
+)
+
+# Per series, the newest observation the alert engine applied: its ts (an older event of the
+# series arriving later, at another worker of the consumer group, is skipped instead of applied
+# out of order) and its measures ({"0": value, "3600": change_1h, ...}): the rule index looks up
+# the comparisons that flip between these and the next event's (alerts/index.py).
+alert_series = Table(
+    "alert_series",
+    metadata,
+    Column("series", String(400), primary_key=True),
+    Column("last_ts", BigInteger, nullable=False),
+    Column("measures", JSON),
+    Column("updated_at", Double, nullable=False),
+)
+
+# One row per fired alert (episode); a resolve updates it. `dedup_key` (rule, instance,
+# triggering series and observation ts) makes a replayed transition a no-op.
+alert_history = Table(
+    "alert_history",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("rule_id", BigInteger, ForeignKey("alert_rules.id", ondelete="SET NULL")),
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("rule_name", String(120), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("instance", String(400), nullable=False),
+    Column("metric", String(40), nullable=False),
+    Column("subject", String(160), nullable=False),
+    Column("chain", String(120), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("reason", String(40), nullable=False),
+    Column("suppressed", String(40)),
+    Column("value", Double),
+    Column("event", JSON),
+    Column("fired_at", Double, nullable=False),
+    Column("resolved_at", Double),
+    Column("resolve_reason", String(40)),
+    Column("resolved_event", JSON),
+    Column("acked_at", Double),
+    Column("acked_by", String(120)),
+    Column("snoozed_until", Double),
+    Column("dedup_key", String(1000), nullable=False),
+    Column("updated_at", Double, nullable=False),
+    UniqueConstraint("dedup_key", name="uq_alert_history_dedup_key"),
+    Index("ix_alert_history_user_id", "user_id", "id"),
+    Index("ix_alert_history_rule_id", "rule_id", "id"),
+)
+
+# The notification outbox: one row per (alert, kind, repeat number, channel target). The alert
+# engine writes rows `pending` with attempt 0; the notifier claims and sends them.
+notification_logs = Table(
+    "notification_logs",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("alert_id", BigInteger, ForeignKey("alert_history.id", ondelete="CASCADE"),
+           nullable=False),
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("rule_id", BigInteger),
+    Column("kind", String(16), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("channel", String(16), nullable=False),
+    Column("target", String(2000), nullable=False),
+    Column("config", JSON, nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("next_attempt_at", Double, nullable=False),
+    Column("last_error", String(2000)),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("sent_at", Double),
+    UniqueConstraint("alert_id", "kind", "seq", "channel", "target",
+                     name="uq_notification_logs_target"),
+    Index("ix_notification_logs_status_due", "status", "next_attempt_at"),
+    Index("ix_notification_logs_alert_id", "alert_id"),
+)
+
+# Alert events committed with their transition but not yet on the alerts stream (transactional
+# outbox): published right after the commit, or by any engine's sweep if that worker died first.
+alert_stream_outbox = Table(
+    "alert_stream_outbox",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("payload", JSON, nullable=False),
+    Column("created_at", Double, nullable=False),
 )

@@ -1,0 +1,204 @@
+"""Evaluation of one event against the rules: index candidates + active instances -> lifecycle.
+
+Pure: a sample, the instance states and `now` in; decisions out. The engine (engine.py) loads
+the states an event can touch, calls `Evaluator.evaluate` per event and persists the decisions;
+the benchmark and the property tests call it directly with `MemoryStates`.
+
+Which instances an event touches:
+- the candidates of the index (rules that may be TRUE now), at the event's instance, and
+- the *active* instances in scope of the event's series (pending, firing, or holding a fire in
+  the cooldown): they must see a FALSE to clear or resolve, and FALSE is what the index skips.
+Everything else is ok and stays ok (its condition is not TRUE), so skipping it changes nothing:
+the evaluator gives the same decisions as evaluating every rule (checked by the property tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from defiwatch.alerts.index import NaiveIndex, RuleIndex
+from defiwatch.alerts.lifecycle import OK_STATE, Action, InstanceState, Phase, Step, step, tick
+from defiwatch.alerts.rules import CompiledRule
+from defiwatch.domain.conditions import Foreign, Sample
+
+__all__ = ["Decision", "Evaluator", "MemoryStates", "StateView", "is_active"]
+
+
+def is_active(state: InstanceState) -> bool:
+    """Whether an instance must be evaluated even when its condition is not TRUE."""
+    return state.phase is not Phase.OK or state.held_at is not None
+
+
+class StateView(Protocol):
+    """The instance states an evaluation may read and change."""
+
+    def get(self, rule_id: int, instance: str) -> InstanceState | None:
+        ...
+
+    def set(self, rule: CompiledRule, instance: str, state: InstanceState) -> None:
+        ...
+
+    def active(self, series_key: str) -> Iterable[tuple[int, str]]:
+        """(rule id, instance) of the active instances of *wildcard* rules on this series:
+        the instances the rule index cannot find (see Evaluator.evaluate)."""
+        ...
+
+
+class MemoryStates:
+    """Instance states in a dict, with an index of active instances per series.
+
+    The engine fills one per batch from the database rows it locked; benchmarks keep one for a
+    whole run.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[tuple[int, str], InstanceState] = {}
+        self._active: dict[str, set[tuple[int, str]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def items(self) -> Iterator[tuple[tuple[int, str], InstanceState]]:
+        return iter(self._states.items())
+
+    def get(self, rule_id: int, instance: str) -> InstanceState | None:
+        return self._states.get((rule_id, instance))
+
+    def set(self, rule: CompiledRule, instance: str, state: InstanceState) -> None:
+        key = (rule.id, instance)
+        self._states[key] = state
+        if rule.binding is None:
+            return  # the index finds these by flips (see Evaluator.evaluate)
+        if is_active(state):
+            self._active.setdefault(instance, set()).add(key)
+        else:
+            keys = self._active.get(instance)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._active[instance]
+
+    def active(self, series_key: str) -> Iterable[tuple[int, str]]:
+        keys = self._active.get(series_key)
+        return tuple(keys) if keys else ()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One instance's step that did something (action is never NONE).
+
+    `sample` is the event's sample (None for a decision of the tick); `origin` is whatever the
+    caller passed along with the sample (the engine passes the Event).
+    """
+
+    rule: CompiledRule
+    instance: str
+    before: InstanceState
+    step: Step
+    sample: Sample | None = None
+    origin: Any = None
+
+
+class Evaluator:
+    """Evaluates events against an index of rules (RuleIndex, or NaiveIndex as a baseline)."""
+
+    def __init__(self, index: RuleIndex | NaiveIndex) -> None:
+        self.index = index
+        # RuleIndex looks wildcard rules up by truth: for a simple one a hit *is* its truth.
+        # (Its other hits are flips, and NaiveIndex returns every rule in scope: no proof.)
+        self._truth_hits = isinstance(index, RuleIndex)
+
+    def evaluate(
+        self,
+        sample: Sample,
+        states: StateView,
+        now: float,
+        *,
+        foreign: Foreign | None = None,
+        origin: Any = None,
+        event: dict[str, Any] | None = None,
+    ) -> tuple[list[Decision], int]:
+        """Apply one event; return the decisions and how many instances were evaluated.
+
+        Args:
+            sample: the event as the conditions see it.
+            states: instance states; changed in place for every decision.
+            now: wall clock, epoch s.
+            foreign: newest values of other series (None: unknown).
+            origin: passed through to the decisions (the engine's Event).
+            event: the event as a dict, kept by pending/held states to record it when they fire.
+        """
+        lookup = foreign if foreign is not None else _unknown
+        index = self.index
+        hits = index.candidates(sample)
+        key = sample.key
+        # The index hits, then the active instances of wildcard rules on this series (rules on
+        # named series are indexed by flips of their entry and stay comparisons, so the index
+        # returns them whenever their state may change; wildcard rules are looked up by truth,
+        # which misses an active instance turning FALSE). An active wildcard instance is keyed
+        # by this series, so it duplicates a hit exactly when its rule is a hit.
+        touched: list[tuple[CompiledRule, str]] = [
+            (rule, key if rule.binding is not None else "") for rule in hits.values()]
+        for rule_id, instance in states.active(key):
+            if rule_id not in hits:
+                rule_ = index.get(rule_id)
+                if rule_ is not None:  # a paused or deleted rule keeps its state, unevaluated
+                    touched.append((rule_, instance))
+        decisions: list[Decision] = []
+        evaluated = 0
+        get_state = states.get
+        truth_hits = self._truth_hits
+        for rule, instance in touched:
+            rule_id = rule.id
+            state = get_state(rule_id, instance)
+            evaluated += 1
+            # Only evaluate what can act (lifecycle.step decides by truth alone, and these are
+            # exactly its NONE cases): an ok instance acts on TRUE only; a pending or held one on
+            # FALSE only (time is the tick's); a firing one when its stay condition is FALSE.
+            if state is None or (state.phase is Phase.OK and state.held_at is None):
+                enter = rule.enter(sample, lookup)
+                if enter != 2:  # only TRUE acts
+                    continue
+                stay = enter
+                state = state or OK_STATE
+            elif state.phase is Phase.FIRING:
+                if (rule.simple and truth_hits and rule.binding is not None
+                        and rule_id in hits):
+                    continue  # a truth hit on a single exact comparison: TRUE, stays firing
+                stay = rule.stay(sample, lookup)
+                if stay != 0:  # only FALSE acts
+                    continue
+                enter = stay
+            else:
+                enter = rule.enter(sample, lookup)
+                if enter != 0:  # only FALSE acts
+                    continue
+                stay = enter
+            result = step(rule.policy, state, enter, stay, ts=sample.ts, series=key, now=now,
+                          event=event)
+            if result.action is not Action.NONE:
+                states.set(rule, instance, result.state)
+                decisions.append(Decision(rule, instance, state, result, sample, origin))
+        return decisions, evaluated
+
+    def tick(
+        self, states: Iterable[tuple[int, str, InstanceState]], now: float
+    ) -> list[Decision]:
+        """Advance time for due instances (pending past `for`, held past the cooldown, repeats).
+
+        Instances of rules not in the index (paused, deleted) are left alone."""
+        out: list[Decision] = []
+        for rule_id, instance, state in states:
+            rule = self.index.get(rule_id)
+            if rule is None:
+                continue
+            result = tick(rule.policy, state, now)
+            if result.action is not Action.NONE:
+                out.append(Decision(rule, instance, state, result))
+        return out
+
+
+def _unknown(_key: str) -> Sample | None:
+    return None

@@ -1,0 +1,284 @@
+"""The life of one alert instance (a rule on one series): ok -> pending -> firing -> resolved.
+
+Pure: a state, a truth and `now` in; the next state, what happened and why out. Modelled on
+Grafana/Alertmanager alert states:
+
+- **ok**: the condition does not hold (or never did). TRUE moves to pending when the rule has a
+  `for` duration, else straight to firing.
+- **pending**: the condition holds, but not yet for `for_s` seconds. FALSE goes back to ok
+  without a notification (`pending_cleared`); when `for_s` has passed the engine's tick fires
+  it (`for_elapsed`): a value that stops changing still fires.
+- **firing**: notified. It resolves when the *stay* condition is FALSE: the entry condition with
+  each threshold moved to its recovery threshold (hysteresis), so a value hovering at the line
+  does not flap. Resolving notifies only when the rule asks for it.
+- **cooldown** (`throttle_s`): an instance does not fire twice within `throttle_s` of its last
+  fire. A fire that comes too early is *held*: it fires when the cooldown ends if the condition
+  has not turned FALSE meanwhile (`cooldown_over`), else it is dropped (`hold_cleared`).
+- **repeat** (`repeat_s`): while firing and not acknowledged, notify again every `repeat_s`.
+- **snooze** (`snoozed_until`): transitions still happen and are recorded, but no notification
+  is sent until the snooze ends; a repeat due during a snooze waits for its end.
+
+UNKNOWN (missing data) never changes the phase. Time: `now` (wall clock, epoch s) drives every
+duration (for, cooldown, repeat, snooze), as in Alertmanager; the observation `ts` only names the
+transition (`episode_ts`, part of the alert's dedup key).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from defiwatch.domain.conditions import Truth
+
+__all__ = [
+    "OK_STATE",
+    "Action",
+    "InstanceState",
+    "Phase",
+    "Policy",
+    "Reason",
+    "Step",
+    "Suppression",
+    "due_at",
+    "step",
+    "tick",
+]
+
+
+class Phase(enum.StrEnum):
+    OK = "ok"
+    PENDING = "pending"
+    FIRING = "firing"
+
+
+class Action(enum.StrEnum):
+    """What a step did. NONE steps change nothing worth storing."""
+
+    NONE = "none"
+    PENDING = "pending"  # ok -> pending
+    CLEARED = "cleared"  # pending -> ok, or a held fire dropped: nothing was notified
+    HELD = "held"  # a fire deferred to the end of the cooldown
+    FIRED = "fired"  # -> firing: an alert (history row) is born
+    RESOLVED = "resolved"  # firing -> ok
+    REPEATED = "repeated"  # firing, notified again
+
+
+class Reason(enum.StrEnum):
+    """Why a step did what it did; recorded with the alert and on the alerts stream."""
+
+    CONDITION_MET = "condition_met"  # fired at once (no `for` duration)
+    FOR_ELAPSED = "for_elapsed"  # fired after pending for `for_s`
+    COOLDOWN_OVER = "cooldown_over"  # a held fire released at the end of the cooldown
+    PENDING = "pending"
+    PENDING_CLEARED = "pending_cleared"
+    THROTTLED = "throttled"  # condition met inside the cooldown: held
+    HOLD_CLEARED = "hold_cleared"
+    RECOVERED = "recovered"  # the stay condition is FALSE: resolved
+    RECOVERY_NOT_REACHED = "recovery_not_reached"  # past the threshold, not past recovery
+    REPEAT = "repeat"
+    STILL_FIRING = "still_firing"
+    STILL_PENDING = "still_pending"
+    NOT_MET = "not_met"
+    NO_DATA = "no_data"  # UNKNOWN: keep the last state
+
+
+class Suppression(enum.StrEnum):
+    """Why a transition that normally notifies did not."""
+
+    SNOOZED = "snoozed"
+    RESOLVE_NOT_REQUESTED = "resolve_not_requested"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The timing of a rule, in seconds. `repeat_s` None: never repeat."""
+
+    for_s: float = 0.0
+    throttle_s: float = 300.0
+    repeat_s: float | None = None
+    notify_on_resolve: bool = False
+
+
+class InstanceState(msgspec.Struct, omit_defaults=True):
+    """Everything the lifecycle remembers about one instance (persisted in alert_states).
+
+    Times are wall-clock epoch seconds except `episode_ts`/`last_alert_ts`, which are observation
+    times. `episode_ts`/`episode_series` identify the observation that started the current (or
+    last) episode: the dedup key of its alert. `event` is that observation as an event dict, kept
+    while pending or held so that a fire decided later by the tick can still say what fired it.
+    `alert_id` is the open alert's history row (set by the engine).
+    """
+
+    phase: Phase = Phase.OK
+    since: float | None = None
+    episode_ts: int | None = None
+    episode_series: str | None = None
+    fired_at: float | None = None
+    notified_at: float | None = None
+    held_at: float | None = None
+    repeats: int = 0
+    acked: bool = False
+    snoozed_until: float | None = None
+    alert_id: int | None = None
+    last_alert_ts: int = 0
+    event: dict[str, Any] | None = None
+
+
+OK_STATE = InstanceState()
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """The outcome of one step: the new state, the action and its reason, and whether the
+    action notifies (`notify`) or why not (`suppressed`)."""
+
+    state: InstanceState
+    action: Action
+    reason: Reason
+    notify: bool = False
+    suppressed: Suppression | None = None
+
+
+def _snoozed(state: InstanceState, now: float) -> bool:
+    return state.snoozed_until is not None and now < state.snoozed_until
+
+
+def _in_cooldown(policy: Policy, state: InstanceState, now: float) -> bool:
+    return state.fired_at is not None and now - state.fired_at < policy.throttle_s
+
+
+def _fire(policy: Policy, state: InstanceState, reason: Reason, now: float) -> Step:
+    snoozed = _snoozed(state, now)
+    new = msgspec.structs.replace(
+        state, phase=Phase.FIRING, since=now, fired_at=now, held_at=None, repeats=0,
+        acked=False, notified_at=None if snoozed else now, event=None,
+    )
+    return Step(new, Action.FIRED, reason, notify=not snoozed,
+                suppressed=Suppression.SNOOZED if snoozed else None)
+
+
+def _enter(
+    policy: Policy, state: InstanceState, *, ts: int, series: str, event: dict[str, Any] | None,
+    now: float,
+) -> Step:
+    """ok + TRUE: start an episode (pending, held by the cooldown, or fired)."""
+    started = msgspec.structs.replace(state, episode_ts=ts, episode_series=series, event=event)
+    if policy.for_s > 0:
+        return Step(msgspec.structs.replace(started, phase=Phase.PENDING, since=now),
+                    Action.PENDING, Reason.PENDING)
+    if _in_cooldown(policy, state, now):
+        return Step(msgspec.structs.replace(started, held_at=now), Action.HELD, Reason.THROTTLED)
+    return _fire(policy, started, Reason.CONDITION_MET, now)
+
+
+def step(
+    policy: Policy,
+    state: InstanceState,
+    enter: int,
+    stay: int,
+    *,
+    ts: int,
+    series: str,
+    now: float,
+    event: dict[str, Any] | None = None,
+) -> Step:
+    """Apply one evaluation of the condition to an instance: the transitions its truth
+    decides. Transitions decided by time (`for` elapsed, the end of a cooldown, a repeat) are
+    the tick's alone, so the outcome does not depend on which events happened to be evaluated
+    (the rule index evaluates an instance only when its truth may have changed).
+
+    Args:
+        policy: the rule's timing.
+        state: the instance's current state (OK_STATE for one never seen).
+        enter: Truth of the condition with entry thresholds.
+        stay: Truth of the condition with recovery thresholds (used while firing).
+        ts: observation time of the sample (epoch s): names an episode that starts here.
+        series: the sample's series key: with `ts`, the episode's identity.
+        now: wall clock (epoch s).
+        event: the observation as a dict, remembered while pending/held.
+    """
+    phase = state.phase
+    if phase == Phase.FIRING:
+        if stay == Truth.FALSE:
+            snoozed = _snoozed(state, now)
+            notify = policy.notify_on_resolve and not snoozed
+            suppressed = (None if notify else Suppression.SNOOZED if snoozed and
+                          policy.notify_on_resolve else Suppression.RESOLVE_NOT_REQUESTED)
+            new = msgspec.structs.replace(state, phase=Phase.OK, since=now,
+                                          notified_at=now if notify else state.notified_at)
+            return Step(new, Action.RESOLVED, Reason.RECOVERED, notify=notify, suppressed=suppressed)
+        if stay == Truth.TRUE and enter == Truth.FALSE:
+            return Step(state, Action.NONE, Reason.RECOVERY_NOT_REACHED)
+        return Step(state, Action.NONE, Reason.STILL_FIRING if stay == Truth.TRUE else Reason.NO_DATA)
+    if phase == Phase.PENDING:
+        if enter == Truth.FALSE:
+            new = msgspec.structs.replace(state, phase=Phase.OK, since=now, event=None)
+            return Step(new, Action.CLEARED, Reason.PENDING_CLEARED)
+        return Step(state, Action.NONE, Reason.STILL_PENDING if enter == Truth.TRUE else Reason.NO_DATA)
+    # ok
+    if state.held_at is not None:
+        if enter == Truth.FALSE:
+            new = msgspec.structs.replace(state, held_at=None, event=None)
+            return Step(new, Action.CLEARED, Reason.HOLD_CLEARED)
+        return Step(state, Action.NONE, Reason.THROTTLED)
+    if enter == Truth.TRUE:
+        return _enter(policy, state, ts=ts, series=series, event=event, now=now)
+    return Step(state, Action.NONE, Reason.NOT_MET if enter == Truth.FALSE else Reason.NO_DATA)
+
+
+def _release(policy: Policy, state: InstanceState, reason: Reason, now: float) -> Step:
+    """pending -> firing, unless the cooldown holds it."""
+    if _in_cooldown(policy, state, now):
+        new = msgspec.structs.replace(state, phase=Phase.OK, held_at=now)
+        return Step(new, Action.HELD, Reason.THROTTLED)
+    return _fire(policy, state, reason, now)
+
+
+def _repeat(policy: Policy, state: InstanceState, now: float) -> Step | None:
+    due = _repeat_due(policy, state)
+    if due is None or now < due or _snoozed(state, now):
+        return None
+    new = msgspec.structs.replace(state, notified_at=now, repeats=state.repeats + 1)
+    return Step(new, Action.REPEATED, Reason.REPEAT, notify=True)
+
+
+def _repeat_due(policy: Policy, state: InstanceState) -> float | None:
+    if policy.repeat_s is None or state.acked or state.phase != Phase.FIRING:
+        return None
+    base = state.notified_at if state.notified_at is not None else state.since
+    if base is None:
+        return None
+    due = base + policy.repeat_s
+    if state.snoozed_until is not None and state.snoozed_until > due:
+        due = state.snoozed_until
+    return due
+
+
+def tick(policy: Policy, state: InstanceState, now: float) -> Step:
+    """Advance time without a new observation: pending past `for_s` fires, a held fire whose
+    cooldown ended fires, a firing alert due for a repeat repeats. The last evaluation stands
+    (pending and held both mean it was TRUE or UNKNOWN since)."""
+    if state.phase == Phase.PENDING:
+        if state.since is not None and now - state.since >= policy.for_s:
+            return _release(policy, state, Reason.FOR_ELAPSED, now)
+        return Step(state, Action.NONE, Reason.STILL_PENDING)
+    if state.phase == Phase.FIRING:
+        return _repeat(policy, state, now) or Step(state, Action.NONE, Reason.STILL_FIRING)
+    if state.held_at is not None and not _in_cooldown(policy, state, now):
+        return _fire(policy, state, Reason.COOLDOWN_OVER, now)
+    return Step(state, Action.NONE, Reason.THROTTLED if state.held_at else Reason.NOT_MET)
+
+
+def due_at(policy: Policy, state: InstanceState) -> float | None:
+    """When `tick` has something to do for this state (epoch s), or None: the engine's tick
+    only reads states that are due."""
+    if state.phase == Phase.PENDING:
+        return (state.since or 0.0) + policy.for_s
+    if state.phase == Phase.FIRING:
+        return _repeat_due(policy, state)
+    if state.held_at is not None:
+        return (state.fired_at or 0.0) + policy.throttle_s
+    return None

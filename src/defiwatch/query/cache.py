@@ -1,0 +1,121 @@
+"""Where query answers are kept: in process (embedded) or in Redis (shared by API processes).
+
+The cache stores opaque bytes under a key; it decides nothing about freshness. Every entry
+carries the change_log watermark it was computed at, and the query service checks that
+watermark against the database before serving it (freshness.py), so an entry is never served
+after a change it depends on, whichever process made the change. The TTL only bounds memory and
+how long metadata edits that write no change_log row (a protocol's name or url) can linger.
+
+Guarantees, checked by one contract suite against both backends (tests/query/test_cache.py):
+- `get` returns what the last `put` of that key stored, or None once the TTL has passed;
+- `put` with ttl_s <= 0 stores nothing;
+- the memory backend holds at most `max_entries` entries, evicting the least recently used.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Protocol
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from defiwatch.errors import BackendUnavailable
+from defiwatch.redis_keys import RedisKeys
+
+__all__ = ["CacheEntry", "MemoryResultCache", "RedisResultCache", "ResultCache"]
+
+
+class CacheEntry(msgspec.Struct, array_like=True, frozen=True):
+    """A cached answer: the watermark it is valid at, and the payload (route-specific bytes)."""
+
+    watermark: str
+    payload: bytes
+
+
+class ResultCache(Protocol):
+    async def get(self, key: str) -> bytes | None:
+        """The bytes stored under `key`, or None (absent or expired)."""
+        ...
+
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        """Store `value` for `ttl_s` seconds (<= 0: do not store)."""
+        ...
+
+    async def close(self) -> None:
+        ...
+
+
+class MemoryResultCache:
+    """An LRU of at most `max_entries` entries with per-entry expiry, for one process.
+
+    All methods run on one event loop and never await while mutating, so no lock is needed.
+    """
+
+    def __init__(self, max_entries: int = 10_000, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self._max = max_entries
+        self._clock = clock
+        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    async def get(self, key: str) -> bytes | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        expires, value = item
+        if expires <= self._clock():
+            del self._items[key]
+            return None
+        self._items.move_to_end(key)
+        return value
+
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            return
+        self._items[key] = (self._clock() + ttl_s, value)
+        self._items.move_to_end(key)
+        while len(self._items) > self._max:
+            self._items.popitem(last=False)
+
+    async def close(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class RedisResultCache:
+    """Entries as Redis strings with an expiry (`{prefix}query:result:{digest}`).
+
+    A Redis failure is reported as BackendUnavailable, like every other Redis backend.
+    """
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str) -> None:
+        self._client = client
+        self._keys = RedisKeys(prefix)
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            value = await self._client.get(self._keys.query_result(key))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable(f"query cache unreachable: {type(exc).__name__}") from exc
+        if value is None:
+            return None
+        return value if isinstance(value, bytes) else value.encode()
+
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            return
+        try:
+            await self._client.set(self._keys.query_result(key), value,
+                                   px=max(1, int(ttl_s * 1000)))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable(f"query cache unreachable: {type(exc).__name__}") from exc
+
+    async def close(self) -> None:
+        """The client belongs to the composition root, which closes it."""

@@ -1,0 +1,69 @@
+"""One contract for the in-process and Redis result caches (query/cache.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from defiwatch.query import MemoryResultCache, RedisResultCache, ResultCache
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def cache(request: pytest.FixtureRequest) -> AsyncIterator[ResultCache]:
+    if request.param == "memory":
+        yield MemoryResultCache(max_entries=100)
+        return
+    client = aioredis.from_url(request.getfixturevalue("redis_url"))
+    try:
+        yield RedisResultCache(client, prefix=request.getfixturevalue("redis_prefix"))
+    finally:
+        await client.aclose()
+
+
+async def test_get_returns_the_last_put(cache: ResultCache) -> None:
+    assert await cache.get("k") is None
+    await cache.put("k", b"one", 60)
+    await cache.put("k", b"two\x00\xff", 60)
+    assert await cache.get("k") == b"two\x00\xff"
+    await cache.put("other", b"x", 0)  # ttl <= 0 stores nothing
+    assert await cache.get("other") is None
+
+
+async def test_entries_expire(cache: ResultCache) -> None:
+    await cache.put("short", b"v", 0.05)
+    assert await cache.get("short") == b"v"
+    await asyncio.sleep(0.15)
+    assert await cache.get("short") is None
+
+
+async def test_memory_cache_evicts_the_least_recently_used() -> None:
+    now = [0.0]
+    cache = MemoryResultCache(max_entries=2, clock=lambda: now[0])
+    await cache.put("a", b"1", 10)
+    await cache.put("b", b"2", 10)
+    assert await cache.get("a") == b"1"  # a is now the most recent
+    await cache.put("c", b"3", 10)
+    assert (await cache.get("b"), await cache.get("a"), len(cache)) == (None, b"1", 2)
+    now[0] = 11.0
+    assert await cache.get("a") is None
+
+
+async def test_a_failing_cache_costs_speed_not_answers(tmp_path: object) -> None:
+    from defiwatch.app import open_platform
+    from defiwatch.config import Settings
+    from defiwatch.query import QueryService
+    from defiwatch.query.service import CACHE_ERRORS
+
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path}/c.db", replay_enabled=False,
+                        demo_key=False)
+    async with open_platform(settings) as p:
+        broken = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+        service = QueryService(p.engine, RedisResultCache(broken, prefix="x:"))
+        before = CACHE_ERRORS._value.get()
+        answers = [await service.advanced({"select": ["slug"]}) for _ in range(2)]
+        assert [a.cache for a in answers] == ["miss", "miss"]
+        assert CACHE_ERRORS._value.get() >= before + 2
+        await broken.aclose()
