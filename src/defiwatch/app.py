@@ -13,23 +13,29 @@ import structlog
 import uvicorn
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from defiwatch.alerts.config import AlertsApiConfig, EngineConfig
+from defiwatch.alerts.engine import AlertEngine
+from defiwatch.alerts.events import alert_stream_key
 from defiwatch.api import ApiContext, create_app
+from defiwatch.api.ratelimit import MemoryRateStore, RateLimiter, RateStore, RedisRateStore
 from defiwatch.cache import HotCache, MemoryHotCache, RedisHotCache
 from defiwatch.config import Settings
 from defiwatch.domain import ChangeDetector, Thresholds
+from defiwatch.gateway import Gateway, SocketIOServer
 from defiwatch.ingest.defillama import DefiLlamaPoller
 from defiwatch.ingest.replay import replay
 from defiwatch.ingest.service import IngestService
 from defiwatch.processor import Processor, Wakeup, listen_postgres
+from defiwatch.query import Limits, MemoryResultCache, QueryService, ReadModel, RedisResultCache
+from defiwatch.query.cache import ResultCache
 from defiwatch.store import create_engine, upgrade
 from defiwatch.store.db import raw_dsn
 from defiwatch.stream import EventStream, MemoryEventStream, RedisEventStream
+from defiwatch.stream.group import MemoryStreamGroup, RedisStreamGroup, StreamGroup
 
-__all__ = ["ROLES", "Platform", "open_platform", "run_roles"]
+__all__ = ["Platform", "open_platform", "run_roles"]
 
 log = structlog.get_logger(__name__)
-
-ROLES = ("api", "processor", "replay", "poller")
 
 
 @dataclass
@@ -40,6 +46,7 @@ class Platform:
     engine: AsyncEngine
     stream: EventStream
     cache: HotCache
+    alerts: EventStream  # fired and resolved alerts, for the private `alerts` channel
     wakeup: Wakeup
     ingest: IngestService
     redis: aioredis.Redis | None = None
@@ -63,18 +70,28 @@ async def open_platform(settings: Settings, *, migrate: bool = True) -> AsyncIte
     engine = create_engine(settings.database_url)
     client: aioredis.Redis | None = None
     stream: EventStream
+    alerts: EventStream
     cache: HotCache
     if settings.redis_dsn:
-        # socket_timeout above the stream's longest blocking read (XREAD BLOCK), see stream/redis.py
-        client = aioredis.from_url(settings.redis_dsn, socket_timeout=35, health_check_interval=15)
+        # socket_timeout above the stream's longest blocking read (XREAD BLOCK), see stream/redis.py.
+        # A blocking pool: under load, callers wait for a connection instead of failing at 100.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_dsn, max_connections=64, timeout=10, socket_timeout=35,
+            health_check_interval=15)
+        client = aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
         stream = RedisEventStream(client, prefix=settings.redis_prefix,
                                   retention=settings.stream_retention)
+        alerts = RedisEventStream(client, prefix=settings.redis_prefix, name="alerts",
+                                  retention=settings.alerts_stream_retention,
+                                  dedup_key=alert_stream_key)
         cache = RedisHotCache(client, prefix=settings.redis_prefix)
     else:
         stream = MemoryEventStream(retention=settings.stream_retention)
+        alerts = MemoryEventStream(retention=settings.alerts_stream_retention,
+                                   dedup_key=alert_stream_key)
         cache = MemoryHotCache()
     wakeup = Wakeup()
-    platform = Platform(settings, engine, stream, cache, wakeup,
+    platform = Platform(settings, engine, stream, cache, alerts, wakeup,
                         IngestService(engine, on_commit=wakeup.notify), client)
     try:
         yield platform
@@ -83,6 +100,7 @@ async def open_platform(settings: Settings, *, migrate: bool = True) -> AsyncIte
             task.cancel()
         await asyncio.gather(*platform.tasks, return_exceptions=True)
         await stream.close()
+        await alerts.close()
         await cache.close()
         if client is not None:
             await client.aclose()
@@ -97,9 +115,53 @@ class _Server(uvicorn.Server):
         yield
 
 
+def query_service(platform: Platform) -> QueryService:
+    s = platform.settings
+    cache: ResultCache = (
+        RedisResultCache(platform.redis, prefix=s.redis_prefix) if platform.redis is not None
+        else MemoryResultCache(s.query_cache_max_entries)
+    )
+    return QueryService(platform.engine, cache, read_model=ReadModel(platform.engine),
+                        limits=Limits.from_settings(s),
+                        statement_timeout_ms=s.query_statement_timeout_ms,
+                        cache_ttl_s=s.query_cache_ttl_s, max_body_bytes=s.query_max_body_bytes)
+
+
+def rate_limiter(platform: Platform) -> RateLimiter | None:
+    s = platform.settings
+    if not s.query_rate_limit_enabled:
+        return None
+    store: RateStore = (
+        RedisRateStore(platform.redis, prefix=s.redis_prefix) if platform.redis is not None
+        else MemoryRateStore()
+    )
+    return RateLimiter(platform.engine, store,
+                       {name: tier.api_requests_per_minute for name, tier in s.tiers.items()})
+
+
+def alert_engine(platform: Platform) -> AlertEngine:
+    """One alert worker: a member of the Redis consumer group (several share the stream), or
+    the single in-process consumer of the embedded stream."""
+    s = platform.settings
+    config = EngineConfig.from_settings(s)
+    group: StreamGroup = (
+        RedisStreamGroup(platform.redis, prefix=s.redis_prefix, group=s.alerts_consumer_group,
+                         consumer=config.consumer)
+        if platform.redis is not None else MemoryStreamGroup(platform.stream)
+    )
+    return AlertEngine(platform.engine, group, platform.alerts, platform.cache, config)
+
+
 def api_server(platform: Platform) -> _Server:
     s = platform.settings
-    app = create_app(ApiContext(platform.engine, platform.stream, platform.cache, platform.ingest))
+    query = query_service(platform)
+    app = create_app(ApiContext(
+        platform.engine, platform.stream, platform.cache, platform.ingest,
+        alerts=AlertsApiConfig.from_settings(s), query=query,
+        rate_limiter=rate_limiter(platform), compat_public=s.query_compat_public,
+    ))
+    # Warm the protocols read model so the first query does not pay for building it.
+    platform.tasks.append(asyncio.create_task(query.read_model.refresh(), name="query-warmup"))
     config = uvicorn.Config(app, host=s.api_host, port=s.api_port, log_config=None,
                             access_log=False, lifespan="off")
     return _Server(config)
@@ -125,6 +187,16 @@ async def run_roles(
                                  coins_url=s.defillama_coins_url, interval_s=s.poller_interval_s,
                                  coins=s.poller_coins)
         lasting.append(asyncio.create_task(poller.run(stop), name="poller"))
+    if "gateway" in roles:
+        gateway = Gateway(settings=s, engine=platform.engine, stream=platform.stream,
+                          cache=platform.cache, alerts=platform.alerts)
+        lasting.append(asyncio.create_task(gateway.serve(stop), name="gateway"))
+        # The Socket.IO compatibility server shares the gateway's hub: one fan-out for both.
+        socketio_server = SocketIOServer(settings=s, engine=platform.engine, hub=gateway.hub,
+                                         stream=platform.stream, cache=platform.cache)
+        lasting.append(asyncio.create_task(socketio_server.serve(stop), name="socketio"))
+    if "alerts" in roles:
+        lasting.append(asyncio.create_task(alert_engine(platform).run(stop), name="alerts"))
     server = api_server(platform) if "api" in roles else None
     if server is not None:
         lasting.append(asyncio.create_task(server.serve(), name="api"))

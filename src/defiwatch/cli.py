@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -18,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from defiwatch import __version__
-from defiwatch.config import Settings, load_settings
+from defiwatch.config import ROLES, Settings, load_settings
 from defiwatch.errors import DefiwatchError
 from defiwatch.ops import configure_logging
 
@@ -68,7 +69,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("roles", nargs=-1, type=click.Choice(["all", "api", "processor", "replay", "poller"]))
+@click.argument("roles", nargs=-1, type=click.Choice(["all", *ROLES]))
 @click.option("--speed", type=float, help="Replay speed: data seconds per second (0 = max).")
 @click.option("--port", type=int, help="API port (default 8000).")
 def run(roles: tuple[str, ...], speed: float | None, port: int | None) -> None:
@@ -77,6 +78,8 @@ def run(roles: tuple[str, ...], speed: float | None, port: int | None) -> None:
     \b
     api        HTTP API (docs at /docs, metrics at /metrics)
     processor  change_log -> events (stream) and latest values (hot cache)
+    gateway    WebSocket streaming on /v1/realtime (docs/protocol.md), Socket.IO on 8002
+    alerts     evaluates users' alert rules against every event (docs/alerts.md)
     replay     bundled real DefiLlama/CoinGecko data, paced by --speed
     poller     live DefiLlama polling (needs internet; DEFIWATCH_POLLER_ENABLED=true)
     """
@@ -88,7 +91,7 @@ def run(roles: tuple[str, ...], speed: float | None, port: int | None) -> None:
 def _roles(settings: Settings, roles: tuple[str, ...]) -> list[str]:
     if roles and "all" not in roles:
         return list(roles)
-    chosen = ["api", "processor"]
+    chosen = ["api", "processor", "gateway", "alerts"]
     if settings.replay_enabled:
         chosen.append("replay")
     if settings.poller_enabled:
@@ -152,6 +155,13 @@ def _banner(settings: Settings, roles: list[str], key: str | None) -> None:
         ]
         if key:
             lines.append(f"  demo key   {key}   (kept in {settings.state_dir}/demo-key)")
+    if "gateway" in roles:
+        scheme = "wss" if settings.gateway_tls_cert else "ws"
+        ws = f"{scheme}://{settings.gateway_host}:{settings.gateway_port}/v1/realtime"
+        lines += [
+            f"  realtime   {ws}   (protocol: docs/protocol.md)",
+            "  follow     defiwatch tail tvl_changes price_changes token:ethereum",
+        ]
     if "replay" in roles:
         speed = settings.replay_speed
         window = f"from {settings.replay_from or 'the start'} to {settings.replay_until or 'the end'}"
@@ -160,6 +170,57 @@ def _banner(settings: Settings, roles: list[str], key: str | None) -> None:
     lines.append("  stop       Ctrl-C")
     for line in lines:
         console.print(line, highlight=False, soft_wrap=True)
+
+
+@cli.command()
+@click.argument("channels", nargs=-1, required=True)
+@click.option("--url", "urls", multiple=True,
+              help="Gateway endpoint(s), tried in turn (default: this machine's gateway).")
+@click.option("--key", envvar="DEFIWATCH_API_KEY",
+              help="API key (default: $DEFIWATCH_API_KEY, else the demo key in var/).")
+@click.option("--since", type=int, help="Start after this stream offset (replays what is retained).")
+@click.option("--max-rate-ms", type=int, help="At most one frame per series per interval.")
+@click.option("--json", "as_json", is_flag=True, help="Print each message as one JSON line.")
+def tail(channels: tuple[str, ...], urls: tuple[str, ...], key: str | None, since: int | None,
+         max_rate_ms: int | None, as_json: bool) -> None:
+    """Follow channels live, e.g. `defiwatch tail protocol:aave token:ethereum tvl_changes`.
+
+    Reconnects by itself and resumes from the last offset it printed.
+    """
+    from defiwatch.client import RealtimeClient, Subscription
+
+    settings = _settings()
+    scheme = "wss" if settings.gateway_tls_cert else "ws"
+    endpoints = list(urls) or [f"{scheme}://{settings.gateway_host}:{settings.gateway_port}/v1/realtime"]
+    demo = Path(settings.state_dir) / "demo-key"
+    api_key = key or (demo.read_text().strip() if demo.exists() else None)
+    if not api_key:
+        raise click.UsageError("no API key: pass --key or set DEFIWATCH_API_KEY")
+    subs = [Subscription(c, max_rate_ms=max_rate_ms) for c in channels]
+
+    async def go() -> None:
+        async with RealtimeClient(endpoints, api_key, subs, since=since) as client:
+            async for message in client:
+                out.print(_render(message, as_json), highlight=False, soft_wrap=True, markup=False)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(go())
+
+
+def _render(message: Any, as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"type": message.type, "channel": message.channel,
+                           "offset": message.offset, "data": message.data})
+    if message.type == "gap":
+        return f"-- gap on {message.channel}: missed events were trimmed; current values follow"
+    if message.type == "latest":
+        count = len(message.data) if isinstance(message.data, list) else 0
+        return f"-- latest on {message.channel}: {count} current values (use --json to see them)"
+    e = message.data
+    change = e.get("change_pct")
+    pct = f"{change:+.2f}%" if isinstance(change, int | float) else ""
+    return (f"{message.offset:>9} {message.channel:<28} {e.get('type', ''):<15} "
+            f"{e.get('subject', '')}/{e.get('chain', '')} {e.get('value')} {pct}")
 
 
 @cli.group()

@@ -1,0 +1,99 @@
+"""defiwatch.client against real gateways over real sockets: events arrive, a gateway restart
+(close 1012) is survived by reconnecting to the other gateway, and what was published while the
+client was away is recovered from its last offset, each event once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+
+from defiwatch.app import Platform, open_platform
+from defiwatch.client import Message, RealtimeClient, Subscription
+from defiwatch.config import Settings
+from defiwatch.gateway import Gateway
+from defiwatch.store.keys import create_key
+
+T0 = 1_710_115_200
+
+
+async def ingest_days(platform: Platform, first_day: int, days: int) -> None:
+    """One protocol's TVL, +2 % a day: one tvl_change event per day after the first."""
+    points = [{"metric": "tvl", "subject": "aave", "chain": "ethereum", "ts": T0 + d * 86_400,
+               "value": 1e9 * 1.02 ** d} for d in range(first_day, first_day + days)]
+    await platform.ingest.ingest_points(points, source="test")
+    await platform.processor().drain()
+
+
+async def next_events(messages: object, count: int, timeout: float) -> list[Message]:
+    got: list[Message] = []
+    async with asyncio.timeout(timeout):
+        async for message in messages:  # type: ignore[attr-defined]
+            if message.type == "event":
+                got.append(message)
+                if len(got) == count:
+                    return got
+    return got
+
+
+async def test_client_recovers_across_a_gateway_restart(settings: Settings,
+                                                         timeout_factor: float) -> None:
+    settings = settings.model_copy(update={"gateway_port": 0})
+    async with open_platform(settings) as p:
+        async with p.engine.begin() as conn:
+            key, _ = await create_key(conn, user="carol", tier="pro", scopes=["read"],
+                                      tiers=list(settings.tiers))
+        first = Gateway(settings=settings, engine=p.engine, stream=p.stream, cache=p.cache,
+                        alerts=p.alerts)
+        second = Gateway(settings=settings, engine=p.engine, stream=p.stream, cache=p.cache,
+                         alerts=p.alerts)
+        await first.start()
+        await second.start()
+        try:
+            client = RealtimeClient([first.url, second.url], key,
+                                    [Subscription("protocol:aave")], since=0)
+            async with client:
+                messages = aiter(client)
+                await ingest_days(p, 0, 3)  # events at days 1 and 2
+                before = await next_events(messages, 2, 20 * timeout_factor)
+                assert [m.data["ts"] for m in before] == [T0 + 86_400, T0 + 2 * 86_400]
+                # Rolling restart: the first gateway goes away with 1012 while events keep coming.
+                await first.stop()
+                await ingest_days(p, 3, 3)  # days 3, 4, 5 published while the client moves over
+                after = await next_events(messages, 3, 30 * timeout_factor)
+            offsets = [m.offset for m in before + after]
+            assert offsets == sorted(set(offsets)), "an event was lost or delivered twice"
+            assert [m.data["ts"] for m in after] == [T0 + d * 86_400 for d in (3, 4, 5)]
+            assert client.reconnects >= 1
+            assert client.last_offset == offsets[-1]
+        finally:
+            await first.stop()
+            await second.stop()
+
+
+async def test_a_bad_key_ends_iteration_with_an_auth_error(settings: Settings) -> None:
+    from defiwatch.errors import AuthError
+
+    settings = settings.model_copy(update={"gateway_port": 0})
+    async with open_platform(settings) as p:
+        gateway = Gateway(settings=settings, engine=p.engine, stream=p.stream, cache=p.cache)
+        await gateway.start()
+        try:
+            async with RealtimeClient([gateway.url], "dw_bad_key", [Subscription("tvl_changes")]
+                                      ) as client:
+                try:
+                    async with asyncio.timeout(20):
+                        async for _ in client:
+                            raise AssertionError("no message expected")
+                except AuthError as exc:
+                    assert "refused" in exc.message
+                else:
+                    raise AssertionError("expected AuthError")
+        finally:
+            await gateway.stop()
+
+
+def test_subscriptions_are_plain_values() -> None:
+    sub = Subscription("tvl_changes", filter={"min_change_pct": 5}, max_rate_ms=250)
+    assert msgspec.to_builtins(sub) == {"channel": "tvl_changes",
+                                        "filter": {"min_change_pct": 5}, "max_rate_ms": 250}
