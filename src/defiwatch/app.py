@@ -25,11 +25,15 @@ from defiwatch.gateway import Gateway, SocketIOServer
 from defiwatch.ingest.defillama import DefiLlamaPoller
 from defiwatch.ingest.replay import replay
 from defiwatch.ingest.service import IngestService
+from defiwatch.notify.factory import breaker as notify_breaker
+from defiwatch.notify.factory import build_senders, retry_policy
+from defiwatch.notify.worker import Notifier, NotifierConfig
 from defiwatch.processor import Processor, Wakeup, listen_postgres
 from defiwatch.query import Limits, MemoryResultCache, QueryService, ReadModel, RedisResultCache
 from defiwatch.query.cache import ResultCache
 from defiwatch.store import create_engine, upgrade
 from defiwatch.store.db import raw_dsn
+from defiwatch.store.delivery import NOTIFY_CHANNEL
 from defiwatch.stream import EventStream, MemoryEventStream, RedisEventStream
 from defiwatch.stream.group import MemoryStreamGroup, RedisStreamGroup, StreamGroup
 
@@ -51,6 +55,7 @@ class Platform:
     ingest: IngestService
     redis: aioredis.Redis | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    notify_wakeup: Wakeup = field(default_factory=Wakeup)  # alert engine -> notifier, in-process
 
     def processor(self) -> Processor:
         s = self.settings
@@ -149,7 +154,28 @@ def alert_engine(platform: Platform) -> AlertEngine:
                          consumer=config.consumer)
         if platform.redis is not None else MemoryStreamGroup(platform.stream)
     )
-    return AlertEngine(platform.engine, group, platform.alerts, platform.cache, config)
+    return AlertEngine(platform.engine, group, platform.alerts, platform.cache, config,
+                       on_queued=platform.notify_wakeup.notify)
+
+
+async def run_notifier(platform: Platform, stop: asyncio.Event) -> None:
+    """The notifier with its senders, woken by the alert engine in this process and by NOTIFY
+    on PostgreSQL; it also polls."""
+    s = platform.settings
+    senders = build_senders(s)
+    notifier = Notifier(platform.engine, senders, config=NotifierConfig.from_settings(s),
+                        retry=retry_policy(s), breaker=notify_breaker(s), alerts=platform.alerts)
+    wakeup = platform.notify_wakeup
+    listener = (asyncio.create_task(listen_postgres(raw_dsn(s.database_url), wakeup, stop,
+                                                    channel=NOTIFY_CHANNEL), name="notify-listen")
+                if s.is_postgres else None)
+    try:
+        await notifier.run(stop, wakeup)
+    finally:
+        if listener is not None:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+        await senders.aclose()
 
 
 def api_server(platform: Platform) -> _Server:
@@ -157,7 +183,7 @@ def api_server(platform: Platform) -> _Server:
     query = query_service(platform)
     app = create_app(ApiContext(
         platform.engine, platform.stream, platform.cache, platform.ingest,
-        alerts=AlertsApiConfig.from_settings(s), query=query,
+        alerts=AlertsApiConfig.from_settings(s), query=query, settings=s,
         rate_limiter=rate_limiter(platform), compat_public=s.query_compat_public,
     ))
     # Warm the protocols read model so the first query does not pay for building it.
@@ -197,6 +223,8 @@ async def run_roles(
         lasting.append(asyncio.create_task(socketio_server.serve(stop), name="socketio"))
     if "alerts" in roles:
         lasting.append(asyncio.create_task(alert_engine(platform).run(stop), name="alerts"))
+    if "notifier" in roles:
+        lasting.append(asyncio.create_task(run_notifier(platform, stop), name="notifier"))
     server = api_server(platform) if "api" in roles else None
     if server is not None:
         lasting.append(asyncio.create_task(server.serve(), name="api"))

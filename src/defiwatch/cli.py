@@ -91,7 +91,7 @@ def run(roles: tuple[str, ...], speed: float | None, port: int | None) -> None:
 def _roles(settings: Settings, roles: tuple[str, ...]) -> list[str]:
     if roles and "all" not in roles:
         return list(roles)
-    chosen = ["api", "processor", "gateway", "alerts"]
+    chosen = ["api", "processor", "gateway", "alerts", "notifier"]
     if settings.replay_enabled:
         chosen.append("replay")
     if settings.poller_enabled:

@@ -37,7 +37,7 @@ __all__ = ["ROLES", "Settings", "TierLimits", "load_settings"]
 ENV_PREFIX = "DEFIWATCH_"
 
 # What `defiwatch run` can run in one process (app.py wires each).
-ROLES = ("api", "processor", "gateway", "alerts", "replay", "poller")
+ROLES = ("api", "processor", "gateway", "alerts", "notifier", "replay", "poller")
 
 
 class TierLimits(BaseModel, frozen=True):
@@ -181,6 +181,18 @@ class Settings(BaseSettings):
     notify_breaker_failures: int = Field(default=5, ge=1)  # consecutive failures opening a host's circuit
     notify_breaker_open_s: float = Field(default=60.0, gt=0)  # first open interval
     notify_breaker_max_open_s: float = Field(default=1_800.0, gt=0)  # cap as failed probes double it
+    # The notifier (notify/worker.py): how much it sends at once and how it claims work.
+    notifier_concurrency: int = Field(default=256, ge=1)  # sends in flight per notifier
+    notifier_per_host: int = Field(default=32, ge=1)  # of which to one receiving host
+    notifier_batch: int = Field(default=200, ge=1, le=5_000)  # rows per claim
+    notifier_lease_s: float = Field(default=60.0, gt=0)  # a claim not settled by then is retaken
+    notifier_poll_s: float = Field(default=1.0, gt=0)  # claim at least this often (NOTIFY wakes sooner)
+    notifier_id: str | None = None  # the worker's name in attempt rows; None: host:pid
+    # Per user and channel, unless the user's preferences say otherwise. 0 = unlimited.
+    notify_max_per_minute: int = Field(default=30, ge=0)
+    # An endpoint failing without a single success for this long is disabled and its owner told.
+    notify_disable_after_s: float = Field(default=3 * 86_400.0, gt=0)
+    notify_secret_grace_s: float = Field(default=86_400.0, ge=0)  # old webhook secret signs this long
 
     @field_validator("database_url")
     @classmethod

@@ -6,6 +6,7 @@
     ├── AuthError                      missing, unknown or revoked API key (HTTP 401)
     ├── ScopeError                     key lacks the scope a route needs (HTTP 403)
     ├── NotFoundError                  the thing asked for does not exist (HTTP 404)
+    ├── RateLimited                    too soon; `retry_after` seconds (HTTP 429 + Retry-After)
     └── BackendUnavailable             database or Redis could not be reached (temporary)
 
 Errors reaching clients are rendered by `as_payload()` in one shape for REST, WebSocket and logs:
@@ -22,6 +23,7 @@ __all__ = [
     "ConfigError",
     "DefiwatchError",
     "NotFoundError",
+    "RateLimited",
     "ScopeError",
     "ValidationError",
 ]
@@ -73,6 +75,16 @@ class ScopeError(DefiwatchError):
 class NotFoundError(DefiwatchError):
     code = "not_found"
     http_status = 404
+
+
+class RateLimited(DefiwatchError):
+    code = "rate_limited"
+    http_status = 429
+    temporary = True
+
+    def __init__(self, message: str, *, retry_after: int, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
 
 
 class BackendUnavailable(DefiwatchError):

@@ -37,6 +37,8 @@ async def test_create_read_list_update_delete(client: httpx.AsyncClient, make_ke
                   {"type": "chat", "platform": "slack", "url": "https://hooks.slack.com/x"}]))
     assert created.status_code == 201, created.text
     rule = created.json()
+    # The new webhook endpoint's signing secret is shown in this response only.
+    assert list(rule.pop("webhook_secrets")) == [WEBHOOK["url"]]
     # Stored canonical: subjects normalised, defaults filled in.
     assert rule["condition"]["any"][0]["subject"] == "coingecko:ethereum"
     assert rule["condition"]["any"][1]["window"] == "24h"
@@ -289,7 +291,7 @@ async def test_history_filters_ack_snooze_and_notifications(
     cleared = (await client.delete(f"/v1/alerts/history/{newest['id']}/snooze",
                                    headers=auth)).json()
     assert cleared["snoozed_until"] is None
-    outbox = (await client.get("/v1/alerts/notifications", headers=auth)).json()
+    outbox = (await client.get("/v1/notifications", headers=auth)).json()
     assert outbox["meta"]["count"] == 3
     assert {n["status"] for n in outbox["data"]} == {"pending"}
 
@@ -315,7 +317,7 @@ async def test_openapi_documents_the_alerts_api(client: httpx.AsyncClient) -> No
     for path in ("/v1/alerts/rules", "/v1/alerts/rules/{rule_id}",
                  "/v1/alerts/rules/{rule_id}/test", "/v1/alerts/rules/{rule_id}/pause",
                  "/v1/alerts/history", "/v1/alerts/history/{alert_id}/ack",
-                 "/v1/alerts/history/{alert_id}/snooze", "/v1/alerts/notifications"):
+                 "/v1/alerts/history/{alert_id}/snooze", "/v1/notifications"):
         assert path in paths, path
     schema = spec["components"]["schemas"]["RuleCreate"]["properties"]["condition"]
     assert schema["title"] == "Condition"

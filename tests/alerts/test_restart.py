@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from defiwatch.store import alerts as store_alerts
+from defiwatch.store import delivery as store_delivery
 from defiwatch.store.schema import alert_history, notification_logs
 
 from .conftest import HOUR, T0, Alerting, point
@@ -79,7 +79,7 @@ async def test_crash_before_commit_loses_nothing(
     async def die(*_args: Any, **_kwargs: Any) -> Any:
         raise Crash
 
-    monkeypatch.setattr(store_alerts, "insert_notifications", die)
+    monkeypatch.setattr(store_delivery, "queue_notifications", die)
     with pytest.raises(Crash):
         await engine.drain()
     monkeypatch.undo()

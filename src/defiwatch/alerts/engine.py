@@ -51,6 +51,7 @@ from defiwatch.domain.changes import SeriesState, pct_change
 from defiwatch.domain.conditions import Sample
 from defiwatch.errors import DefiwatchError
 from defiwatch.store import alerts as store
+from defiwatch.store import delivery
 from defiwatch.store.points import load_history
 from defiwatch.stream import EventStream
 from defiwatch.stream.group import Delivery, StreamGroup
@@ -138,6 +139,8 @@ class AlertEngine:
         cache: the hot cache: newest values of series a rule reads besides the event's own.
         config: batching, polling and housekeeping intervals.
         clock: wall clock (epoch s) for the lifecycle; tests pass a fake one.
+        on_queued: called after a commit that queued notifications (an in-process notifier's
+            wake-up; on PostgreSQL the commit's NOTIFY does it across processes).
     """
 
     def __init__(
@@ -149,8 +152,10 @@ class AlertEngine:
         config: EngineConfig | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        on_queued: Callable[[], None] | None = None,
     ) -> None:
         self._db = db
+        self._on_queued = on_queued
         self._events = events
         self._alerts = alerts
         self._cache = cache
@@ -546,7 +551,8 @@ class AlertEngine:
             outbox.notifications.append({
                 "alert_id": alert_id, "user_id": rule.user_id, "rule_id": rule.id,
                 "kind": kind.value, "seq": seq, "channel": channel.type,
-                "target": channel.target, "config": channel.as_json(), "payload": payload,
+                "target": channel.target, "host": channel.host, "config": channel.as_json(),
+                "payload": payload,
                 "status": "pending", "attempt": 0, "next_attempt_at": now, "created_at": now,
                 "updated_at": now,
             })
@@ -564,11 +570,14 @@ class AlertEngine:
         await store.save_states(conn, rows, now)
 
     async def _queue(self, conn: AsyncConnection, outbox: _Outbox, now: float) -> list[int]:
-        await store.insert_notifications(conn, outbox.notifications)
+        await delivery.queue_notifications(conn, outbox.notifications)
         return await store.enqueue_stream_events(conn, outbox.events, now)
 
     async def _publish(self, outbox: _Outbox) -> None:
-        """After the commit: alert events onto the alerts stream, then out of the outbox."""
+        """After the commit: wake the notifier, alert events onto the alerts stream, then out
+        of the outbox."""
+        if outbox.notifications and self._on_queued is not None:
+            self._on_queued()
         if not outbox.events:
             return
         events = [msgspec.convert(p, Event) for p in outbox.events]

@@ -11,8 +11,20 @@ from defiwatch import __version__
 from defiwatch.alerts.config import AlertsApiConfig
 from defiwatch.api.errors import install_error_handlers
 from defiwatch.api.ratelimit import RateLimiter, RateLimitMiddleware
-from defiwatch.api.routes import alerts, events, health, ingest, latest, llama, query
+from defiwatch.api.routes import (
+    alerts,
+    devices,
+    endpoints,
+    events,
+    health,
+    ingest,
+    latest,
+    llama,
+    notifications,
+    query,
+)
 from defiwatch.cache import HotCache
+from defiwatch.config import Settings
 from defiwatch.ingest.service import IngestService
 from defiwatch.query import QueryService
 from defiwatch.stream import EventStream
@@ -31,6 +43,9 @@ class ApiContext:
     query: QueryService | None = None  # None: an in-process one is made on first use
     rate_limiter: RateLimiter | None = None  # None: no rate limits
     compat_public: bool = False  # DefiLlama-compatible routes without a key
+    # Delivery routes read notify_* from it (SSRF allow-list, VAPID key, secret grace);
+    # None: Settings() from the environment, read on first use.
+    settings: Settings | None = None
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
@@ -42,7 +57,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
     )
     app.state.ctx = ctx
     install_error_handlers(app)
-    for module in (health, events, latest, ingest, alerts):
+    # Within a router, static paths (/v1/notifications/preferences) come before {id} ones.
+    for module in (health, events, latest, ingest, alerts, devices, endpoints, notifications):
         app.include_router(module.router)
     app.include_router(query.router)
     app.include_router(llama.router)

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from defiwatch.errors import DefiwatchError
+from defiwatch.errors import DefiwatchError, RateLimited
 
 __all__ = ["install_error_handlers"]
 
@@ -39,6 +39,8 @@ async def _defiwatch_error(_req: Request, exc: Exception) -> JSONResponse:
     if exc.http_status >= 500:
         log.warning("api.error", code=exc.code, message=exc.message)
     headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(exc.retry_after)}
     return _error(exc.http_status, exc.code, exc.message, exc.field, exc.temporary, headers)
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "MAX_CHANNELS",
     "Channel",
     "parse_channels",
+    "url_host",
 ]
 
 CHANNEL_TYPES = ("webhook", "email", "push", "chat")
@@ -66,8 +67,27 @@ class Channel(msgspec.Struct, frozen=True, omit_defaults=True):
             return self.device or "*"
         return self.url or ""
 
+    @property
+    def host(self) -> str:
+        """The receiving host of the outbox row (the notifier's breaker and per-host limit):
+        "smtp" for email (all goes through the relay), "" for push (known per device)."""
+        if self.type == "email":
+            return "smtp"
+        return url_host(self.url) if self.url else ""
+
     def as_json(self) -> dict[str, Any]:
         return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}
+
+
+def url_host(url: str) -> str:
+    """`host` or `host:port` of a URL, lower case: one receiving host per key."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{host}:{port}" if port else host
 
 
 def _url(raw: Any, path: str) -> str:

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
-from urllib.parse import urlsplit
 
+from defiwatch.domain.channels import url_host
 from defiwatch.notify.message import EmailTarget, PushTarget, Target
 from defiwatch.notify.senders.base import Outcome, Reason, SendResult
 
@@ -147,14 +147,7 @@ def breaker_key(target: Target) -> str:
     email, which all goes through the configured SMTP relay."""
     if isinstance(target, EmailTarget):
         return "smtp"
-    url = target.endpoint if isinstance(target, PushTarget) else target.url
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return f"{host}:{port}" if port else host
+    return url_host(target.endpoint if isinstance(target, PushTarget) else target.url)
 
 
 class CircuitBreaker:

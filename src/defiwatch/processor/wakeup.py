@@ -1,7 +1,7 @@
-"""Wake-ups for the processor: in-process signals and PostgreSQL NOTIFY.
+"""Wake-ups for the processor (and the notifier): in-process signals and PostgreSQL NOTIFY.
 
-A wake-up is only a hint that change_log has new rows; the processor also polls, so a lost hint
-costs latency, never data.
+A wake-up is only a hint that change_log (or the notification outbox) has new rows; both also
+poll, so a lost hint costs latency, never data.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ class Wakeup:
             self._event.clear()
 
 
-async def listen_postgres(dsn: str, wakeup: Wakeup, stop: asyncio.Event) -> None:
-    """LISTEN on the change_log channel until `stop`; reconnect with backoff if the link drops."""
+async def listen_postgres(dsn: str, wakeup: Wakeup, stop: asyncio.Event, *,
+                          channel: str = CHANNEL) -> None:
+    """LISTEN on `channel` until `stop`; reconnect with backoff if the link drops."""
     import asyncpg
 
     delay = 0.5
@@ -48,8 +49,8 @@ async def listen_postgres(dsn: str, wakeup: Wakeup, stop: asyncio.Event) -> None
         conn: asyncpg.Connection | None = None
         try:
             conn = await asyncpg.connect(dsn)
-            await conn.add_listener(CHANNEL, lambda *_: wakeup.notify())
-            log.info("processor.listening", channel=CHANNEL)
+            await conn.add_listener(channel, lambda *_: wakeup.notify())
+            log.info("listen.started", channel=channel)
             delay = 0.5
             wakeup.notify()  # rows may have arrived while we were not listening
             lost = asyncio.Event()
@@ -60,7 +61,7 @@ async def listen_postgres(dsn: str, wakeup: Wakeup, stop: asyncio.Event) -> None
             stop_task.cancel()
             lost_task.cancel()
         except (OSError, asyncpg.PostgresError) as exc:
-            log.warning("processor.listen_failed", error=str(exc), retry_in_s=delay)
+            log.warning("listen.failed", channel=channel, error=str(exc), retry_in_s=delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await stop.wait()

@@ -13,10 +13,11 @@ from typing import Any, NamedTuple
 
 import msgspec
 from sqlalchemy import Integer, and_, bindparam, delete, func, or_, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Select
 
+from defiwatch.store.db import dialect_insert, on_postgres
 from defiwatch.store.schema import (
     alert_history,
     alert_rule_revision,
@@ -24,13 +25,11 @@ from defiwatch.store.schema import (
     alert_series,
     alert_states,
     alert_stream_outbox,
-    notification_logs,
 )
 
 __all__ = [
     "AlertRow",
     "Cursor",
-    "NotificationRow",
     "StateRow",
     "StoredRule",
     "alert_ids",
@@ -45,10 +44,8 @@ __all__ = [
     "get_rule_any",
     "get_state",
     "insert_alerts",
-    "insert_notifications",
     "insert_rule",
     "list_alerts",
-    "list_notifications",
     "list_rules",
     "load_cursors",
     "load_due_states",
@@ -67,15 +64,6 @@ __all__ = [
 
 # pg_advisory_xact_lock(int4, int4): this constant namespaces the alert engine's series locks.
 _LOCK_NAMESPACE = 0x616C7274  # "alrt"
-
-
-def _is_pg(conn: AsyncConnection) -> bool:
-    return conn.dialect.name == "postgresql"
-
-
-def _insert(conn: AsyncConnection, table: Any) -> Any:
-    """A dialect INSERT (both have on_conflict_do_nothing / on_conflict_do_update)."""
-    return (postgresql if _is_pg(conn) else sqlite).insert(table)
 
 
 # --- rules -----------------------------------------------------------------------------------
@@ -268,7 +256,7 @@ async def lock_series(conn: AsyncConnection, series: Iterable[str]) -> None:
     Keys are locked in ascending order, one statement, so two workers locking overlapping sets
     cannot deadlock on them.
     """
-    if not _is_pg(conn):
+    if not on_postgres(conn):
         return
     keys = sorted({_lock_key(s) for s in series})
     if not keys:
@@ -304,7 +292,7 @@ async def save_cursors(conn: AsyncConnection, cursors: Mapping[str, Cursor], now
     """Upsert cursors. Callers hold the series locks and only move cursors forward."""
     if not cursors:
         return
-    stmt = _insert(conn, alert_series)
+    stmt = dialect_insert(conn, alert_series)
     stmt = stmt.on_conflict_do_update(
         index_elements=["series"],
         set_={"last_ts": stmt.excluded.last_ts, "measures": stmt.excluded.measures,
@@ -332,7 +320,7 @@ async def load_states(
         return out
     stmt: Select[Any] = select(alert_states).where(or_(*wanted)).order_by(
         alert_states.c.rule_id, alert_states.c.instance)
-    if lock and _is_pg(conn):
+    if lock and on_postgres(conn):
         stmt = stmt.with_for_update()
     for row in await conn.execute(stmt):
         out.append(_state_row(row))
@@ -344,7 +332,7 @@ async def get_state(
 ) -> StateRow | None:
     stmt: Select[Any] = select(alert_states).where(
         alert_states.c.rule_id == rule_id, alert_states.c.instance == instance)
-    if lock and _is_pg(conn):
+    if lock and on_postgres(conn):
         stmt = stmt.with_for_update()
     row = (await conn.execute(stmt)).first()
     return None if row is None else _state_row(row)
@@ -357,7 +345,7 @@ async def load_due_states(conn: AsyncConnection, now: float, limit: int) -> list
         select(alert_states).where(alert_states.c.due_at <= now)
         .order_by(alert_states.c.due_at).limit(limit)
     )
-    if _is_pg(conn):
+    if on_postgres(conn):
         stmt = stmt.with_for_update(skip_locked=True)
     return [_state_row(r) for r in await conn.execute(stmt)]
 
@@ -370,7 +358,7 @@ async def save_states(
     """Upsert (rule_id, instance, series, phase, state JSON, due_at) rows."""
     if not rows:
         return
-    stmt = _insert(conn, alert_states)
+    stmt = dialect_insert(conn, alert_states)
     stmt = stmt.on_conflict_do_update(
         index_elements=["rule_id", "instance"],
         set_={c: getattr(stmt.excluded, c) for c in ("series", "phase", "state", "due_at",
@@ -392,7 +380,7 @@ async def insert_alerts(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]
     if not rows:
         return {}
     stmt = (
-        _insert(conn, alert_history)
+        dialect_insert(conn, alert_history)
         .on_conflict_do_nothing(index_elements=["dedup_key"])
         .returning(alert_history.c.id, alert_history.c.dedup_key)
     )
@@ -424,15 +412,6 @@ async def resolve_alerts(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]
         if result.rowcount:
             done.append(int(row["id"]))
     return done
-
-
-async def insert_notifications(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Queue notifications (status pending, attempt 0); a row already queued is kept as is."""
-    if not rows:
-        return
-    stmt = _insert(conn, notification_logs).on_conflict_do_nothing(
-        index_elements=["alert_id", "kind", "seq", "channel", "target"])
-    await conn.execute(stmt, list(rows))
 
 
 async def enqueue_stream_events(
@@ -545,7 +524,7 @@ async def get_alert(
 ) -> AlertRow | None:
     stmt: Select[Any] = select(*_ALERT_COLUMNS).where(
         alert_history.c.id == alert_id, alert_history.c.user_id == user_id)
-    if lock and _is_pg(conn):
+    if lock and on_postgres(conn):
         stmt = stmt.with_for_update()
     row = (await conn.execute(stmt)).first()
     return None if row is None else _alert(row)
@@ -553,44 +532,6 @@ async def get_alert(
 
 async def update_alert(conn: AsyncConnection, alert_id: int, values: Mapping[str, Any]) -> None:
     await conn.execute(update(alert_history).where(alert_history.c.id == alert_id).values(**values))
-
-
-class NotificationRow(msgspec.Struct):
-    id: int
-    alert_id: int
-    rule_id: int | None
-    kind: str
-    seq: int
-    channel: str
-    target: str
-    status: str
-    attempt: int
-    next_attempt_at: float
-    last_error: str | None
-    created_at: float
-    sent_at: float | None
-
-
-async def list_notifications(
-    conn: AsyncConnection,
-    user_id: int,
-    *,
-    alert_id: int | None = None,
-    status: str | None = None,
-    limit: int = 50,
-    before: int | None = None,
-) -> list[NotificationRow]:
-    """The user's queued and sent notifications, newest first."""
-    cols = [notification_logs.c[name] for name in NotificationRow.__struct_fields__]
-    stmt = select(*cols).where(notification_logs.c.user_id == user_id)
-    if alert_id is not None:
-        stmt = stmt.where(notification_logs.c.alert_id == alert_id)
-    if status is not None:
-        stmt = stmt.where(notification_logs.c.status == status)
-    if before is not None:
-        stmt = stmt.where(notification_logs.c.id < before)
-    rows = await conn.execute(stmt.order_by(notification_logs.c.id.desc()).limit(limit))
-    return [msgspec.convert(_plain(r), NotificationRow) for r in rows]
 
 
 def _chunks(items: Sequence[Any], size: int = 500) -> Iterable[Sequence[Any]]:

@@ -6,14 +6,24 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-__all__ = ["create_engine", "is_postgres", "raw_dsn"]
+__all__ = ["create_engine", "dialect_insert", "is_postgres", "on_postgres", "raw_dsn"]
 
 
 def is_postgres(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+def on_postgres(conn: AsyncConnection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+def dialect_insert(conn: AsyncConnection, table: Any) -> Any:
+    """The dialect's INSERT, which both databases give on_conflict_do_nothing / _do_update."""
+    return (postgresql if on_postgres(conn) else sqlite).insert(table)
 
 
 def raw_dsn(url: str) -> str:

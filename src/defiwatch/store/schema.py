@@ -252,13 +252,18 @@ alert_history = Table(
 )
 
 # The notification outbox: one row per (alert, kind, repeat number, channel target). The alert
-# engine writes rows `pending` with attempt 0; the notifier claims and sends them.
+# engine writes rows `pending` with attempt 0; notifiers claim them (status `sending`, a lease
+# until `lease_until`, one `notification_attempts` row per try) and settle them: `delivered`,
+# `dead` (gave up), back to `pending` for a retry at `next_attempt_at`, `held` (throttled or
+# quiet hours), `digested` into the digest row `parent_id`, or `expanded` (a push to every
+# device, split into one row per device). `host` is the receiving host (breaker and per-host
+# concurrency); `retry_from` the attempt a redelivery restarted the retry budget at;
+# `dispatched_at` the first claim (per-user throttling counts these).
 notification_logs = Table(
     "notification_logs",
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
-    Column("alert_id", BigInteger, ForeignKey("alert_history.id", ondelete="CASCADE"),
-           nullable=False),
+    Column("alert_id", BigInteger, ForeignKey("alert_history.id", ondelete="CASCADE")),
     Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
     Column("rule_id", BigInteger),
     Column("kind", String(16), nullable=False),
@@ -274,10 +279,94 @@ notification_logs = Table(
     Column("created_at", Double, nullable=False),
     Column("updated_at", Double, nullable=False),
     Column("sent_at", Double),
+    Column("host", String(300), nullable=False, server_default=""),
+    Column("claimed_by", String(120)),
+    Column("lease_until", Double),
+    Column("retry_from", Integer, nullable=False, server_default="0"),
+    Column("dispatched_at", Double),
+    Column("parent_id", BigInteger),
+    Column("response_code", Integer),
     UniqueConstraint("alert_id", "kind", "seq", "channel", "target",
                      name="uq_notification_logs_target"),
     Index("ix_notification_logs_status_due", "status", "next_attempt_at"),
     Index("ix_notification_logs_alert_id", "alert_id"),
+    Index("ix_notification_logs_user_id", "user_id", "id"),
+    Index("ix_notification_logs_dispatched", "user_id", "channel", "dispatched_at"),
+    Index("ix_notification_logs_parent_id", "parent_id"),
+)
+
+# --- delivery (migration 0004; store/delivery.py) -----------------------------------------------
+
+# One row per delivery attempt: `sending` while in flight, then `delivered`, `failed` (a retry
+# follows) or `dead` (the last one). A worker killed mid-send leaves `sending`; the next claim
+# of the notification marks it `failed` ("worker lost").
+notification_attempts = Table(
+    "notification_attempts",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("notification_id", BigInteger, ForeignKey("notification_logs.id", ondelete="CASCADE"),
+           nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("response_code", Integer),
+    Column("error", String(2000)),
+    Column("latency_ms", Double),
+    Column("worker", String(120), nullable=False),
+    Column("started_at", Double, nullable=False),
+    Column("finished_at", Double),
+    UniqueConstraint("notification_id", "attempt", name="uq_notification_attempts"),
+)
+
+# A user's delivery endpoint (webhook URL, chat URL, email address): webhook signing secrets
+# (`[{"secret": "whsec_...", "expires_at": null | epoch}]`, current first), and the failure
+# clock that disables it after continuous failure.
+notification_endpoints = Table(
+    "notification_endpoints",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("channel", String(16), nullable=False),
+    Column("target", String(2000), nullable=False),
+    Column("secrets", JSON, nullable=False),
+    Column("failing_since", Double),
+    Column("last_error", String(2000)),
+    Column("disabled_at", Double),
+    Column("disabled_reason", String(400)),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    UniqueConstraint("user_id", "channel", "target", name="uq_notification_endpoints"),
+)
+
+# Web Push subscriptions (`PushSubscription.toJSON()`), named per user by `device`.
+user_devices = Table(
+    "user_devices",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    Column("device", String(120), nullable=False),
+    Column("endpoint", String(2000), nullable=False),
+    Column("p256dh", String(200), nullable=False),
+    Column("auth", String(100), nullable=False),
+    Column("user_agent", String(300)),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("disabled_at", Double),
+    Column("disabled_reason", String(400)),
+    UniqueConstraint("user_id", "device", name="uq_user_devices"),
+)
+
+# Per-user delivery preferences; a user without a row gets the settings' defaults. Quiet hours
+# are local wall-clock "HH:MM" in `timezone` (IANA); `max_per_minute` is {channel: n}.
+notification_preferences = Table(
+    "notification_preferences",
+    metadata,
+    Column("user_id", BigInteger, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("timezone", String(64), nullable=False),
+    Column("quiet_start", String(5)),
+    Column("quiet_end", String(5)),
+    Column("quiet_allow_critical", Boolean, nullable=False),
+    Column("max_per_minute", JSON, nullable=False),
+    Column("updated_at", Double, nullable=False),
 )
 
 # Alert events committed with their transition but not yet on the alerts stream (transactional

@@ -1,4 +1,4 @@
-"""Alert rules, fired alerts and queued notifications (scope `alerts`).
+"""Alert rules and fired alerts (scope `alerts`); their notifications: routes/notifications.py.
 
 A user only ever sees and changes their own rules and alerts: every query filters by the
 caller's user id, so another user's id answers 404 exactly like an id that does not exist.
@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from defiwatch.alerts.config import AlertsApiConfig
 from defiwatch.alerts.evaluate import is_active
+from defiwatch.alerts.events import AlertEventType, build_alert_event, event_dict
 from defiwatch.alerts.index import STANDARD_WINDOWS
 from defiwatch.alerts.lifecycle import OK_STATE, Action, InstanceState, Phase, due_at, step
 from defiwatch.alerts.rules import (
@@ -32,6 +33,7 @@ from defiwatch.alerts.rules import (
     compile_stored,
 )
 from defiwatch.api.auth import require
+from defiwatch.api.routes.notifications import notification_out
 from defiwatch.domain import Latest, SeriesKey, normalize_subject
 from defiwatch.domain.changes import SeriesState, pct_change
 from defiwatch.domain.channels import CHANNELS_JSON_SCHEMA, parse_channels
@@ -43,8 +45,10 @@ from defiwatch.domain.conditions import (
     iter_leaves,
     parse_condition,
 )
-from defiwatch.errors import NotFoundError, ValidationError
+from defiwatch.errors import NotFoundError, RateLimited, ValidationError
 from defiwatch.store import alerts as store
+from defiwatch.store import endpoints as endpoint_store
+from defiwatch.store import notifications as notification_store
 from defiwatch.store.keys import Principal
 from defiwatch.store.points import load_history
 
@@ -56,6 +60,7 @@ _ENCODER = msgspec.json.Encoder()
 _MAX_SNOOZE_S = 30 * 86_400
 _TEST_INSTANCES = 50  # a dry run of a wildcard rule reports at most this many series
 _TEST_SCAN = 5_000  # and looks at most at this many matching series
+_TEST_SEND_INTERVAL_S = 10.0  # one test send per rule this often (429 otherwise)
 
 Auth = Annotated[Principal, Depends(require("alerts"))]
 RuleId = Annotated[int, Path(ge=1, description="the rule's id")]
@@ -132,6 +137,15 @@ class RuleOut(BaseModel):
     updated_at: float
 
 
+class RuleWritten(RuleOut):
+    webhook_secrets: dict[str, str] | None = Field(
+        default=None,
+        description="Only when this request created webhook endpoints: their URL -> signing "
+        "secret (`whsec_...`, Standard Webhooks). Shown only in this response: store it to "
+        "verify `webhook-signature`. A URL that already had an endpoint keeps its secret "
+        "(rotate it with POST /v1/endpoints/{id}/rotate-secret to see a new one).")
+
+
 class PageMeta(BaseModel):
     count: int
     total: int
@@ -158,6 +172,21 @@ def _rule_out(rule: store.StoredRule) -> RuleOut:
         notify_on_resolve=rule.notify_on_resolve, severity=rule.severity, paused=rule.paused,
         kind=rule.kind, created_at=rule.created_at, updated_at=rule.updated_at,
     )
+
+
+def _written(rule: store.StoredRule, secrets: dict[str, str]) -> dict[str, Any]:
+    out = _rule_out(rule).model_dump()
+    if secrets:
+        out["webhook_secrets"] = secrets
+    return out
+
+
+async def _ensure_endpoints(conn: AsyncConnection, principal: Principal,
+                            channels: list[dict[str, Any]], now: float) -> dict[str, str]:
+    """The endpoint rows of the rule's webhook, chat and email targets (same transaction);
+    returns the secrets of the webhook endpoints created now."""
+    targets = [(c.type, c.target) for c in parse_channels(channels)]
+    return await endpoint_store.ensure_rule_endpoints(conn, principal.user_id, targets, now)
 
 
 def _config(request: Request) -> AlertsApiConfig:
@@ -199,7 +228,8 @@ async def _owned_rule(conn: AsyncConnection, principal: Principal, rule_id: int)
 # --- rules -----------------------------------------------------------------------------------
 
 
-@router.post("/rules", status_code=201, summary="Create an alert rule", response_model=RuleOut,
+@router.post("/rules", status_code=201, summary="Create an alert rule",
+             response_model=RuleWritten,
              responses={400: {"description": "invalid rule; `field` is the JSON path at fault"},
                         403: {"description": "the tier's rule limit is reached "
                                              "(code rule_limit_reached)"}})
@@ -222,8 +252,9 @@ async def create_rule(body: RuleCreate, request: Request, principal: Auth) -> Re
             "updated_at": now,
         })
         await store.reset_states(conn, rule_id, multi=compiled.kind is RuleKind.MULTI, now=now)
+        secrets = await _ensure_endpoints(conn, principal, fields["channels"], now)
         rule = await _owned_rule(conn, principal, rule_id)
-    return _json(_rule_out(rule).model_dump(), 201)
+    return _json(_written(rule, secrets), 201)
 
 
 @router.get("/rules", summary="List your alert rules", response_model=RulePage)
@@ -258,8 +289,11 @@ async def get_rule(rule_id: RuleId, request: Request, principal: Auth) -> Respon
 
 
 async def _update(
-    request: Request, principal: Auth, rule_id: int, changes: dict[str, Any]
-) -> store.StoredRule:
+    request: Request, principal: Auth, rule_id: int, changes: dict[str, Any], *,
+    endpoints: bool = False,
+) -> tuple[store.StoredRule, dict[str, str]]:
+    """Apply `changes`; with `endpoints`, also ensure the endpoint rows of its channels and
+    return the secrets of webhook endpoints created now."""
     now = time.time()
     async with request.app.state.ctx.engine.begin() as conn:
         revision = await store.bump_revision(conn)
@@ -277,31 +311,33 @@ async def _update(
             await store.close_rule_alerts(conn, rule_id, reason="rule_changed", now=now)
             await store.reset_states(conn, rule_id, multi=compiled.kind is RuleKind.MULTI,
                                      now=now)
-        return await _owned_rule(conn, principal, rule_id)
+        secrets = (await _ensure_endpoints(conn, principal, merged["channels"], now)
+                   if endpoints else {})
+        return await _owned_rule(conn, principal, rule_id), secrets
 
 
-@router.patch("/rules/{rule_id}", summary="Change an alert rule", response_model=RuleOut)
+@router.patch("/rules/{rule_id}", summary="Change an alert rule", response_model=RuleWritten)
 async def patch_rule(rule_id: RuleId, body: RulePatch, request: Request, principal: Auth) -> Response:
     changes = body.model_dump(include=body.model_fields_set)
     for key in ("name", "condition", "channels", "for_seconds", "throttle_minutes",
                 "notify_on_resolve", "severity", "paused"):
         if key in changes and changes[key] is None:
             raise ValidationError(f"{key} cannot be null", field=key)
-    rule = await _update(request, principal, rule_id, changes)
-    return _json(_rule_out(rule).model_dump())
+    rule, secrets = await _update(request, principal, rule_id, changes, endpoints=True)
+    return _json(_written(rule, secrets))
 
 
 @router.post("/rules/{rule_id}/pause", summary="Pause a rule: no evaluation until resumed",
              response_model=RuleOut)
 async def pause_rule(rule_id: RuleId, request: Request, principal: Auth) -> Response:
-    return _json(_rule_out(await _update(request, principal, rule_id, {"paused": True}))
-                 .model_dump())
+    rule, _ = await _update(request, principal, rule_id, {"paused": True})
+    return _json(_rule_out(rule).model_dump())
 
 
 @router.post("/rules/{rule_id}/resume", summary="Resume a paused rule", response_model=RuleOut)
 async def resume_rule(rule_id: RuleId, request: Request, principal: Auth) -> Response:
-    return _json(_rule_out(await _update(request, principal, rule_id, {"paused": False}))
-                 .model_dump())
+    rule, _ = await _update(request, principal, rule_id, {"paused": False})
+    return _json(_rule_out(rule).model_dump())
 
 
 @router.delete("/rules/{rule_id}", status_code=204, summary="Delete an alert rule",
@@ -347,9 +383,21 @@ async def _custom_windows(conn: AsyncConnection, rule: CompiledRule, sample: Sam
     "anything. Per series (instance): the truth of the condition, each comparison with its "
     "value, and what the lifecycle would do now given the instance's state (fire, go pending, "
     "held by the cooldown, already firing). Crossings need two consecutive values, which "
-    "current values cannot show: they test as unknown unless the value is on the safe side.",
+    "current values cannot show: they test as unknown unless the value is on the safe side.\n\n"
+    "With `send=true` it also queues one notification of kind `test` per channel of the rule "
+    "(an alert-shaped event with `type` \"test\"), whatever the evaluation says, and returns "
+    "their ids in `queued`: follow them in GET /v1/notifications?kind=test. One test send per "
+    f"rule every {_TEST_SEND_INTERVAL_S:g} s (429 with Retry-After otherwise).",
+    responses={429: {"description": "a test send of this rule was queued less than "
+                                    f"{_TEST_SEND_INTERVAL_S:g} s ago (code rate_limited)"}},
 )
-async def test_rule(rule_id: RuleId, request: Request, principal: Auth) -> Response:
+async def test_rule(
+    rule_id: RuleId,
+    request: Request,
+    principal: Auth,
+    send: Annotated[bool, Query(description="also queue a test notification on every "
+                                            "channel")] = False,
+) -> Response:
     ctx = request.app.state.ctx
     now = time.time()
     async with ctx.engine.connect() as conn:
@@ -395,7 +443,43 @@ async def test_rule(rule_id: RuleId, request: Request, principal: Auth) -> Respo
         "would_fire": any(i["would_fire"] for i in instances),
         "matched_series": len(samples), "instances": instances[:_TEST_INSTANCES],
     }
+    if send:
+        body["queued"] = await _queue_test(request, principal, stored, rule, time.time())
     return _json(body)
+
+
+async def _queue_test(request: Request, principal: Principal, stored: store.StoredRule,
+                      rule: CompiledRule, now: float) -> list[int]:
+    """Queue one `test` notification per channel of the rule; return their ids.
+
+    Raises:
+        RateLimited: 429, a test send of the rule is younger than _TEST_SEND_INTERVAL_S.
+    """
+    series = rule.scope[0] if rule.scope else "|".join(rule.binding or ())
+    detail = {"user_id": principal.user_id, "rule_id": stored.id, "rule_name": stored.name,
+              "alert_id": None, "instance": "", "state": "test", "reason": "test",
+              "severity": stored.severity, "fired_at": now, "resolved_at": None,
+              "suppressed": None}
+    # The engine's builder, so a test payload has the shape real ones have; `test` is not an
+    # alert event type of the stream, hence the replace.
+    event = msgspec.structs.replace(
+        build_alert_event(AlertEventType.FIRED, source=None, series=series, ts=int(now),
+                          now=now, detail=detail), type="test")
+    payload = event_dict(event)
+    rows = [{"alert_id": None, "user_id": principal.user_id, "rule_id": stored.id,
+             "kind": "test", "seq": 0, "channel": c.type, "target": c.target, "host": c.host,
+             "config": c.as_json(), "payload": payload, "status": "pending", "attempt": 0,
+             "next_attempt_at": now, "created_at": now, "updated_at": now}
+            for c in parse_channels(stored.channels)]
+    async with request.app.state.ctx.engine.begin() as conn:
+        last = await notification_store.last_test_at(conn, principal.user_id, stored.id,
+                                                     lock=True)
+        if last is not None and now - last < _TEST_SEND_INTERVAL_S:
+            wait = max(1, math.ceil(_TEST_SEND_INTERVAL_S - (now - last)))
+            raise RateLimited(f"a test of rule {stored.id} was sent less than "
+                              f"{_TEST_SEND_INTERVAL_S:g} s ago; retry after {wait} s",
+                              retry_after=wait, field="send")
+        return await notification_store.queue_notifications(conn, rows)
 
 
 def _verdict(rule: CompiledRule, sample: Sample, instance: str, state: InstanceState,
@@ -488,10 +572,10 @@ async def _owned_alert(conn: AsyncConnection, principal: Principal, alert_id: in
 async def get_alert(alert_id: AlertId, request: Request, principal: Auth) -> Response:
     async with request.app.state.ctx.engine.connect() as conn:
         alert = await _owned_alert(conn, principal, alert_id)
-        notes = await store.list_notifications(conn, principal.user_id, alert_id=alert_id,
-                                               limit=200)
+        notes = await notification_store.list_notifications(
+            conn, principal.user_id, alert_id=alert_id, limit=200)
     out = _alert_out(alert)
-    out["notifications"] = [msgspec.to_builtins(n) for n in notes]
+    out["notifications"] = [notification_out(n) for n in notes]
     return _json(out)
 
 
@@ -562,22 +646,3 @@ async def _set_snooze(request: Request, principal: Principal, alert_id: int,
         await _update_instance(conn, alert, now, snoozed_until=until)
         alert = await _owned_alert(conn, principal, alert_id)
     return _json(_alert_out(alert))
-
-
-@router.get("/notifications", summary="Your queued and sent notifications (the outbox)",
-            description="One row per (alert, channel target) and kind (fired, resolved, repeat); "
-            "`status` is pending until the notifier delivers it.")
-async def list_notifications(
-    request: Request,
-    principal: Auth,
-    alert_id: Annotated[int | None, Query(ge=1)] = None,
-    status: Annotated[str | None, Query(max_length=16)] = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    before: Annotated[int | None, Query(ge=1)] = None,
-) -> Response:
-    async with request.app.state.ctx.engine.connect() as conn:
-        rows = await store.list_notifications(conn, principal.user_id, alert_id=alert_id,
-                                              status=status, limit=limit, before=before)
-    return _json({"data": [msgspec.to_builtins(r) for r in rows], "meta": {
-        "count": len(rows), "next_before": rows[-1].id if len(rows) == limit else None}})
-
