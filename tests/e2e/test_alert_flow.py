@@ -1,5 +1,6 @@
 """The alert path through a running platform, as a user drives it over HTTP: create a rule,
-ingest points, find the fired alert in the history (`defiwatch run api processor alerts`)."""
+ingest points, find the fired alert in the history and receive its signed webhook
+(`defiwatch run api processor alerts notifier`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import time
 from pathlib import Path
 
 import httpx
+import standardwebhooks
+
+from notify.receiver import Receiver
 
 from .test_quickstart import free_port, start
 
@@ -17,9 +21,11 @@ from .test_quickstart import free_port, start
 async def test_rule_fires_on_ingested_points(tmp_path: Path, timeout_factor: float) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEFIWATCH_")}
-    env.update({"DEFIWATCH_API_PORT": str(port), "DEFIWATCH_LOG_LEVEL": "warning"})
+    env.update({"DEFIWATCH_API_PORT": str(port), "DEFIWATCH_LOG_LEVEL": "warning",
+                "DEFIWATCH_NOTIFY_SSRF_ALLOW": "127.0.0.1"})
     log = tmp_path / "run.log"
-    proc = start(env, tmp_path, log, "api", "processor", "alerts")
+    proc = start(env, tmp_path, log, "api", "processor", "alerts", "notifier")
+    receiver = Receiver().__enter__()
     try:
         key_file = tmp_path / "var" / "demo-key"
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
@@ -36,8 +42,9 @@ async def test_rule_fires_on_ingested_points(tmp_path: Path, timeout_factor: flo
             rule = await client.post("/v1/alerts/rules", headers=auth, json={
                 "name": "Aave under $1B",
                 "condition": {"metric": "tvl", "subject": "aave", "op": "lt", "threshold": 1e9},
-                "channels": [{"type": "webhook", "url": "https://example.com/hook"}]})
+                "channels": [{"type": "webhook", "url": receiver.url()}]})
             assert rule.status_code == 201, rule.text
+            secret = rule.json()["webhook_secrets"][receiver.url()]
             base = int(time.time()) - 1_000
             async with asyncio.timeout(60 * timeout_factor):
                 history: list[dict[str, object]] = []
@@ -53,9 +60,26 @@ async def test_rule_fires_on_ingested_points(tmp_path: Path, timeout_factor: flo
                     if history:
                         break
             assert history[0]["rule_id"] == rule.json()["id"]
+            async with asyncio.timeout(30 * timeout_factor):
+                while not receiver.requests:  # the notifier delivers it
+                    assert proc.poll() is None, log.read_text()
+                    await asyncio.sleep(0.1)
+            seen = receiver.requests[0]
+            payload = standardwebhooks.Webhook(secret).verify(seen.body, seen.headers)
+            assert payload["type"] == "alert_fired"
+            assert payload["data"]["rule"]["id"] == rule.json()["id"]
+            async with asyncio.timeout(30 * timeout_factor):
+                while True:  # settled right after the receiver answered
+                    [row] = (await client.get("/v1/notifications", headers=auth)).json()["data"]
+                    if row["status"] != "sending":
+                        break
+                    await asyncio.sleep(0.1)
+            assert row["status"] == "delivered" and row["id"] == int(seen.headers["webhook-id"][4:])
+            assert [a["response_code"] for a in row["attempts"]] == [200]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30 * timeout_factor) == 0, log.read_text()
     finally:
+        receiver.__exit__(None, None, None)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
