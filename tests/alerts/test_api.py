@@ -115,6 +115,25 @@ async def test_validation_errors_name_the_field_and_the_reason(
         assert f"({reason})" in error["message"]
 
 
+@pytest.mark.parametrize("settings", ["embedded"], indirect=True)
+@pytest.mark.parametrize("url", ["http://10.1.2.3/hook", "http://169.254.169.254/latest",
+                                 "http://[::1]:8080/hook", "https://127.0.0.1/hook"])
+async def test_webhook_urls_to_internal_addresses_are_refused_when_saved(
+    client: httpx.AsyncClient, make_key: Any, url: str
+) -> None:
+    auth = await make_key()
+    response = await client.post("/v1/alerts/rules", headers=auth, json=rule_body(
+        channels=[{"type": "email", "address": "a@b.co"}, {"type": "webhook", "url": url}]))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["field"]) == ("destination_blocked", "channels[1].url")
+    created = await client.post("/v1/alerts/rules", headers=auth, json=rule_body())
+    patched = await client.patch(f"/v1/alerts/rules/{created.json()['id']}", headers=auth,
+                                 json={"channels": [{"type": "chat", "url": url}]})
+    assert patched.status_code == 400
+    assert patched.json()["error"]["field"] == "channels[0].url"
+
+
 async def test_a_threshold_that_is_not_finite_is_refused(
     client: httpx.AsyncClient, make_key: Any
 ) -> None:

@@ -8,6 +8,7 @@ applies the change within `alerts_rule_refresh_s` (docs/alerts.md).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Annotated, Any, Literal
@@ -33,6 +34,7 @@ from defiwatch.alerts.rules import (
     compile_stored,
 )
 from defiwatch.api.auth import require
+from defiwatch.api.routes.endpoints import notify_settings
 from defiwatch.api.routes.notifications import notification_out
 from defiwatch.domain import Latest, SeriesKey, normalize_subject
 from defiwatch.domain.changes import SeriesState, pct_change
@@ -46,6 +48,7 @@ from defiwatch.domain.conditions import (
     parse_condition,
 )
 from defiwatch.errors import NotFoundError, RateLimited, ValidationError
+from defiwatch.notify.factory import address_guard
 from defiwatch.store import alerts as store
 from defiwatch.store import endpoints as endpoint_store
 from defiwatch.store import notifications as notification_store
@@ -204,6 +207,22 @@ def _watch(condition: dict[str, Any]) -> str:
     return " " + " ".join(keys)[:3990] + " "
 
 
+async def _check_destinations(request: Request, channels: list[dict[str, Any]]) -> None:
+    """Refuse webhook and chat URLs that resolve to loopback, private, link-local or metadata
+    addresses now, rather than at the first delivery. A host that does not resolve yet is
+    accepted: every connection is checked again when it is made.
+
+    Raises:
+        BlockedDestination: (400 `destination_blocked`, field `channels[i].url`).
+    """
+    guard = address_guard(notify_settings(request))
+    for i, channel in enumerate(channels):
+        if (isinstance(channel, dict) and channel.get("type") in ("webhook", "chat")
+                and isinstance(channel.get("url"), str)):
+            with contextlib.suppress(OSError):
+                await guard.check_url(channel["url"], field=f"channels[{i}].url")
+
+
 def _validated(fields: dict[str, Any]) -> tuple[dict[str, Any], CompiledRule]:
     """Check a rule's condition and channels; return the canonical fields and the compiled
     rule (which also proves the whole rule compiles)."""
@@ -239,6 +258,7 @@ async def create_rule(body: RuleCreate, request: Request, principal: Auth) -> Re
     if fields["throttle_minutes"] is None:
         fields["throttle_minutes"] = config.default_throttle_minutes
     fields, compiled = _validated(fields)
+    await _check_destinations(request, fields["channels"])
     now = time.time()
     async with request.app.state.ctx.engine.begin() as conn:
         revision = await store.bump_revision(conn)  # serialises rule writers: the count holds
@@ -294,6 +314,8 @@ async def _update(
 ) -> tuple[store.StoredRule, dict[str, str]]:
     """Apply `changes`; with `endpoints`, also ensure the endpoint rows of its channels and
     return the secrets of webhook endpoints created now."""
+    if isinstance(changes.get("channels"), list):  # before the transaction: DNS may take time
+        await _check_destinations(request, changes["channels"])
     now = time.time()
     async with request.app.state.ctx.engine.begin() as conn:
         revision = await store.bump_revision(conn)
