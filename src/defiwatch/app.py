@@ -129,7 +129,8 @@ def query_service(platform: Platform) -> QueryService:
     return QueryService(platform.engine, cache, read_model=ReadModel(platform.engine),
                         limits=Limits.from_settings(s),
                         statement_timeout_ms=s.query_statement_timeout_ms,
-                        cache_ttl_s=s.query_cache_ttl_s, max_body_bytes=s.query_max_body_bytes)
+                        cache_ttl_s=s.query_cache_ttl_s, max_body_bytes=s.query_max_body_bytes,
+                        snapshot_ttl_s=s.query_snapshot_ttl_s)
 
 
 def rate_limiter(platform: Platform) -> RateLimiter | None:

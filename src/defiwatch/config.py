@@ -148,6 +148,7 @@ class Settings(BaseSettings):
     query_max_sort: int = Field(default=4, ge=1)  # sort keys
     query_max_body_bytes: int = Field(default=65_536, ge=1_024)  # request body of one query
     query_cache_ttl_s: float = Field(default=300.0, ge=0)  # result cache lifetime; 0 = no cache
+    query_snapshot_ttl_s: float = Field(default=600.0, ge=0)  # pinned protocols pages; 0 = keyset only
     query_cache_max_entries: int = Field(default=10_000, ge=1)  # in-process result cache only
     # DefiLlama-compatible routes without a key (then rate-limited per client IP, free tier).
     query_compat_public: bool = False

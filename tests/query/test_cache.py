@@ -39,6 +39,29 @@ async def test_entries_expire(cache: ResultCache) -> None:
     assert await cache.get("short") is None
 
 
+async def test_touch_renews_only_a_live_entry(cache: ResultCache) -> None:
+    assert await cache.touch("absent", 60) is False
+    assert await cache.get("absent") is None  # touching stores nothing
+    await cache.put("k", b"v", 60)
+    assert await cache.touch("k", 60) is True
+    assert await cache.get("k") == b"v"
+    assert await cache.touch("k", 0) is False  # ttl <= 0: gone, like put
+    assert await cache.get("k") is None
+
+
+async def test_memory_touch_gives_a_new_lifetime() -> None:
+    now = [0.0]
+    cache = MemoryResultCache(clock=lambda: now[0])
+    await cache.put("k", b"v", 10)
+    now[0] = 8.0
+    assert await cache.touch("k", 10) is True
+    now[0] = 15.0  # past the first lifetime, within the renewed one
+    assert await cache.get("k") == b"v"
+    now[0] = 18.0
+    assert await cache.get("k") is None
+    assert await cache.touch("k", 10) is False
+
+
 async def test_memory_cache_evicts_the_least_recently_used() -> None:
     now = [0.0]
     cache = MemoryResultCache(max_entries=2, clock=lambda: now[0])

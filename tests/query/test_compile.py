@@ -3,8 +3,10 @@ client string ever becomes SQL text (hypothesis throws hostile names and values 
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,7 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from defiwatch.errors import ValidationError
 from defiwatch.query.compile import compile_query, sort_columns
-from defiwatch.query.cursor import decode_cursor, encode_cursor
+from defiwatch.query.cursor import Cursor, SnapshotRef, decode_cursor, encode_cursor
 from defiwatch.query.dsl import Limits, Query, parse_query
 from defiwatch.query.fields import DATASETS
 
@@ -102,11 +104,24 @@ def test_cursors_round_trip_and_refuse_tampering() -> None:
     cols = sort_columns(q)
     digest = "ab" * 32
     token = encode_cursor(digest, 42, [1.5, 7])
-    assert decode_cursor(token, digest, cols) == ([1.5, 7], 42)
+    assert decode_cursor(token, digest, cols) == Cursor([1.5, 7], 42)
+    at = SnapshotRef("s" * 16, 20)
+    snap = encode_cursor(digest, None, [], at)
+    assert decode_cursor(snap, digest, cols) == Cursor(snapshot=at)
+    # Version 1 tokens (keyset only), handed out before snapshots, are still read.
+    v1 = base64.urlsafe_b64encode(msgspec.msgpack.encode(
+        [1, digest[:16], 42, [1.5, 7]])).rstrip(b"=").decode()
+    assert decode_cursor(v1, digest, cols) == Cursor([1.5, 7], 42)
     for bad_token, why in [(token, "different query"), ("!!!", "malformed"),
+                           (snap, "different query"),
                            (encode_cursor(digest, 42, [1.5]), "sort keys"),
                            (encode_cursor(digest, 42, ["x", 7]), "invalid value"),
-                           (encode_cursor(digest, -1, [1.5, 7]), "pin")]:
+                           (encode_cursor(digest, -1, [1.5, 7]), "pin"),
+                           (encode_cursor(digest, None, [], SnapshotRef("../x", 1)), "snapshot"),
+                           (encode_cursor(digest, None, [], SnapshotRef("s" * 16, -1)),
+                            "snapshot"),
+                           (encode_cursor(digest, 42, [], at), "snapshot"),
+                           (encode_cursor(digest, None, [1.5, 7], at), "snapshot")]:
         with pytest.raises(ValidationError) as info:
             decode_cursor(bad_token, digest if why != "different query" else "cd" * 32, cols)
         assert info.value.field == "cursor" and why in info.value.message

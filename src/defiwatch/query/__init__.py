@@ -9,10 +9,11 @@ from defiwatch.query.cache import MemoryResultCache, RedisResultCache, ResultCac
 from defiwatch.query.dsl import Limits, Query, parse_query
 from defiwatch.query.freshness import Deps
 from defiwatch.query.index import ReadModel
-from defiwatch.query.service import Answer, QueryService, QueryTimeoutError
+from defiwatch.query.service import Answer, CursorExpiredError, QueryService, QueryTimeoutError
 
 __all__ = [
     "Answer",
+    "CursorExpiredError",
     "Deps",
     "Limits",
     "MemoryResultCache",

@@ -9,6 +9,8 @@ how long metadata edits that write no change_log row (a protocol's name or url) 
 Guarantees, checked by one contract suite against both backends (tests/query/test_cache.py):
 - `get` returns what the last `put` of that key stored, or None once the TTL has passed;
 - `put` with ttl_s <= 0 stores nothing;
+- `touch` gives a live entry a new lifetime of ttl_s and says whether there was one (an
+  expired or evicted entry stays gone);
 - the memory backend holds at most `max_entries` entries, evicting the least recently used.
 """
 
@@ -43,6 +45,11 @@ class ResultCache(Protocol):
 
     async def put(self, key: str, value: bytes, ttl_s: float) -> None:
         """Store `value` for `ttl_s` seconds (<= 0: do not store)."""
+        ...
+
+    async def touch(self, key: str, ttl_s: float) -> bool:
+        """Keep the entry under `key` for `ttl_s` more seconds from now; False if there is
+        none (absent, expired or evicted: nothing is stored then)."""
         ...
 
     async def close(self) -> None:
@@ -82,6 +89,15 @@ class MemoryResultCache:
         while len(self._items) > self._max:
             self._items.popitem(last=False)
 
+    async def touch(self, key: str, ttl_s: float) -> bool:
+        if await self.get(key) is None:
+            return False
+        if ttl_s <= 0:
+            del self._items[key]
+            return False
+        self._items[key] = (self._clock() + ttl_s, self._items[key][1])
+        return True
+
     async def close(self) -> None:
         self._items.clear()
 
@@ -114,6 +130,17 @@ class RedisResultCache:
         try:
             await self._client.set(self._keys.query_result(key), value,
                                    px=max(1, int(ttl_s * 1000)))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable(f"query cache unreachable: {type(exc).__name__}") from exc
+
+    async def touch(self, key: str, ttl_s: float) -> bool:
+        try:
+            if ttl_s <= 0:
+                await self._client.delete(self._keys.query_result(key))
+                return False
+            # PEXPIRE answers 0 when the key does not exist (expired or evicted).
+            return bool(await self._client.pexpire(self._keys.query_result(key),
+                                                   max(1, int(ttl_s * 1000))))
         except (RedisError, OSError) as exc:
             raise BackendUnavailable(f"query cache unreachable: {type(exc).__name__}") from exc
 

@@ -18,7 +18,8 @@ do not:
 Pagination is keyset: results are ordered by the requested keys plus a unique tiebreaker, and
 a page starts strictly after the previous page's last key. History datasets are also pinned to
 `points.id <= pin` (the largest id when the first page ran), so points inserted while a client
-pages never shift or duplicate rows.
+pages never shift or duplicate rows. The `protocols` dataset has no such pin (its rows change in
+place): service.py stores the first page's whole result and serves later pages from it.
 """
 
 from __future__ import annotations

@@ -16,6 +16,18 @@ The guarantee, proved by tests/query/test_freshness.py: an answer served from th
 never older than a change_log row committed before the request began. Concurrent misses of one
 key in a process wait for the first computation and then re-check instead of all running it;
 a waiter never takes that result without its own probe.
+
+Paging the `protocols` dataset (tests/query/test_snapshot_pages.py): its rows change in place
+(a tvl moves, a protocol appears), so keyset pages alone could show a row twice or never. When
+a first page has more rows than `limit`, the whole ordered result (at most
+`snapshot_max_rows` rows) is computed in that one read and stored in the result cache under a
+random snapshot id (`snap:{query digest}:{id}`, for `snapshot_ttl_s`); the cursor names the
+snapshot and an offset, and later pages are slices of it, served without touching the
+database. A cursor whose snapshot is gone is refused (CursorExpiredError, 410): the client
+starts again from the first page. A first page served from the cache renews its snapshot's
+lifetime (the answer was just proved current), or is recomputed when the snapshot is gone, so
+a cached first page never hands out a dead cursor. History datasets page by keyset with a pin
+(compile.py) and need no snapshot.
 """
 
 from __future__ import annotations
@@ -23,8 +35,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -39,7 +53,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from defiwatch.errors import BackendUnavailable, ValidationError
 from defiwatch.query.cache import CacheEntry, ResultCache
 from defiwatch.query.compile import compile_query, sort_columns
-from defiwatch.query.cursor import decode_cursor, encode_cursor
+from defiwatch.query.cursor import Cursor, SnapshotRef, decode_cursor, encode_cursor
 from defiwatch.query.dsl import Limits, OutputColumn, Query, Scalar, parse_query
 from defiwatch.query.fields import FieldType
 from defiwatch.query.freshness import Deps, Probe, probe
@@ -50,7 +64,10 @@ __all__ = [
     "QUERIES",
     "QUERY_SECONDS",
     "REJECTED",
+    "SNAPSHOT_MAX_ROWS",
+    "SNAPSHOT_TTL_S",
     "Answer",
+    "CursorExpiredError",
     "Page",
     "QueryService",
     "QueryTimeoutError",
@@ -73,6 +90,12 @@ CACHE_ERRORS = Counter("defiwatch_query_cache_errors_total",
 
 _PG_CANCELED = "57014"  # query_canceled: statement_timeout fired
 
+# How long the pages of one `protocols` listing stay available after its first page (s), and
+# the most rows one snapshot holds (beyond them, paging goes on by keyset, unpinned).
+# Defaults of QueryService; DEFIWATCH_QUERY_SNAPSHOT_TTL_S sets the lifetime.
+SNAPSHOT_TTL_S = 600.0
+SNAPSHOT_MAX_ROWS = 25_000
+
 
 class QueryTimeoutError(ValidationError):
     """The statement ran longer than DEFIWATCH_QUERY_STATEMENT_TIMEOUT_MS (HTTP 400)."""
@@ -80,14 +103,48 @@ class QueryTimeoutError(ValidationError):
     code = "query_timeout"
 
 
+class CursorExpiredError(ValidationError):
+    """The snapshot a cursor pages through is no longer stored (HTTP 410, field `cursor`):
+    start again from the first page."""
+
+    code = "cursor_expired"
+    http_status = 410
+
+    def __init__(self, ttl_s: float) -> None:
+        super().__init__(
+            f"the listing this cursor pages through has expired (pages are kept for "
+            f"{ttl_s:g} s after the first page); send the query again without `cursor` to "
+            "start from the first page", field="cursor")
+        self.ttl_s = ttl_s
+
+
 class Page(msgspec.Struct, array_like=True, frozen=True):
-    """One page of an answer as cached: `data` is the JSON array of row objects."""
+    """One page of an answer as cached: `data` is the JSON array of row objects.
+
+    `snapshot`: the id of the stored snapshot `next_cursor` reads from (None: keyset cursor or
+    last page).
+    """
 
     data: bytes
     columns: list[str]
     count: int
     next_cursor: str | None
     as_of: int | None
+    snapshot: str | None = None
+
+
+class Snapshot(msgspec.Struct, array_like=True, frozen=True):
+    """The full ordered result of a `protocols` query at its first page.
+
+    `rows[i]` is row i as a JSON object and `stamps[i]` its as_of; `tail` holds the sort
+    values of the last row when the result went on past SNAPSHOT_MAX_ROWS (paging continues
+    by keyset from there), else None.
+    """
+
+    columns: list[str]
+    rows: list[bytes]
+    stamps: list[int | None]
+    tail: list[Scalar] | None
 
 
 class Answer(msgspec.Struct, frozen=True):
@@ -128,6 +185,27 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _snapshot_key(identity: str, snapshot_id: str) -> str:
+    # Under the query's digest: a forged snapshot id can only reach a snapshot of this query.
+    return f"snap:{identity}:{snapshot_id}"
+
+
+def _slice(snap: Snapshot, identity: str, snapshot_id: str, offset: int, limit: int) -> Page:
+    """Rows [offset, offset + limit) of `snap`, with the cursor to the rows after them."""
+    start = min(offset, len(snap.rows))
+    end = min(start + limit, len(snap.rows))
+    next_cursor = None
+    ref = None
+    if end < len(snap.rows):
+        ref = snapshot_id
+        next_cursor = encode_cursor(identity, None, [], SnapshotRef(snapshot_id, end))
+    elif snap.tail is not None:
+        next_cursor = encode_cursor(identity, None, snap.tail)
+    stamps = [t for t in snap.stamps[start:end] if t is not None]
+    return Page(b"[" + b",".join(snap.rows[start:end]) + b"]", snap.columns, end - start,
+                next_cursor, max(stamps) if stamps else None, ref)
+
+
 class QueryService:
     """Answers queries (and caches any JSON answer for the compat routes).
 
@@ -142,6 +220,9 @@ class QueryService:
         probe_engine: the pool for the per-request freshness probe (default: `engine`). A pool
             without pre-ping saves three round trips per cache hit on asyncpg (its ping is
             BEGIN, `;`, ROLLBACK); a connection found dead there is retried once on a new one.
+        snapshot_ttl_s: how long the pages of a `protocols` listing stay available after its
+            first page (0, or no `cache`: keyset paging only, unpinned).
+        snapshot_max_rows: most rows one snapshot holds; paging goes on by keyset after them.
     """
 
     def __init__(
@@ -155,6 +236,8 @@ class QueryService:
         cache_ttl_s: float = 300.0,
         max_body_bytes: int = 65_536,
         probe_engine: AsyncEngine | None = None,
+        snapshot_ttl_s: float = SNAPSHOT_TTL_S,
+        snapshot_max_rows: int = SNAPSHOT_MAX_ROWS,
     ) -> None:
         self.engine = engine
         self._cache = cache
@@ -166,6 +249,8 @@ class QueryService:
         self._dialect = engine.dialect.name
         self.max_body_bytes = max_body_bytes
         self._probe_engine = probe_engine or engine
+        self._snapshot_ttl = snapshot_ttl_s if cache is not None else 0.0
+        self._snapshot_max = max(1, snapshot_max_rows)
 
     # -- the advanced query ------------------------------------------------------------------
 
@@ -174,32 +259,51 @@ class QueryService:
 
         Raises:
             ValidationError: the body is invalid (field = JSON path), or the cursor is.
+            CursorExpiredError: the cursor's snapshot is no longer stored.
             QueryTimeoutError: the statement hit the timeout.
+            BackendUnavailable: the result cache failed while reading a snapshot page.
         """
         started = time.perf_counter()
         try:
             query = parse_query(body, self.limits)
             sort = sort_columns(query)
             identity = _digest(query.canonical(with_page=False))
-            after: list[Scalar] | None = None
-            pin: int | None = None
+            cursor = Cursor()
             if query.cursor is not None:
-                after, pin = decode_cursor(query.cursor, identity, sort)
+                cursor = decode_cursor(query.cursor, identity, sort)
         except ValidationError:
             REJECTED.labels("invalid").inc()
             raise
         spec = query.spec
+        if cursor.snapshot is not None:
+            page = await self._snapshot_page(query, identity, cursor.snapshot)
+            self._observe(spec.name, "hit", started)
+            return Answer(page, "hit", round((time.perf_counter() - started) * 1000, 3))
         uses_join = any(spec.fields[f].join for f in query.fields_used())
         deps = Deps(spec.metrics, spec.protocol_metadata or uses_join, query.time_from,
                     query.time_to)
+        # Only a first page starts a snapshot; keyset cursors (past a snapshot's cap, or from
+        # before snapshots existed) go on by keyset.
+        snapshot = (spec.name == "protocols" and query.cursor is None and bool(sort)
+                    and self._snapshot_ttl > 0)
 
         async def compute(conn: AsyncConnection) -> bytes:
-            return await self._page(conn, query, identity, after, pin)
+            if snapshot:
+                return await self._first_page(conn, query, identity)
+            return await self._page(conn, query, identity, cursor.values if query.cursor
+                                    else None, cursor.pin)
 
+        key = "q:" + _digest(query.canonical())
         payload, hit = await self.cached(
-            "q:" + _digest(query.canonical()), deps, index=spec.name == "protocols",
-            compute=compute, use_cache=use_cache, label=spec.name, started=started)
+            key, deps, index=spec.name == "protocols", compute=compute, use_cache=use_cache,
+            label=spec.name, started=started)
         page = msgspec.msgpack.decode(payload, type=Page)
+        if hit and page.snapshot is not None and not await self._renew(identity, page.snapshot):
+            # The cached first page would hand out a cursor to a discarded snapshot.
+            payload, hit = await self.cached(
+                key, deps, index=True, compute=compute, use_cache=False, label=spec.name,
+                started=started)
+            page = msgspec.msgpack.decode(payload, type=Page)
         took_ms = round((time.perf_counter() - started) * 1000, 3)
         return Answer(page, "hit" if hit else "miss", took_ms)
 
@@ -222,6 +326,74 @@ class QueryService:
         page = Page(msgspec.json.encode(data), [c.name for c in outputs], len(data), next_cursor,
                     max(stamps) if stamps else None)
         return msgspec.msgpack.encode(page)
+
+    # -- snapshot pages of the protocols dataset ---------------------------------------------
+
+    async def _first_page(self, conn: AsyncConnection, query: Query, identity: str) -> bytes:
+        """The first page of a `protocols` query; if more pages follow, the whole ordered
+        result is stored as a snapshot that the next cursor reads from."""
+        if query.limit >= self._snapshot_max:
+            return await self._page(conn, query, identity, None, None)
+        full = dataclasses.replace(query, limit=self._snapshot_max)
+        compiled = compile_query(full, self._dialect)
+        rows = (await conn.execute(compiled.statement)).mappings().all()
+        if len(rows) <= query.limit:  # one page: nothing to pin
+            return await self._page(conn, query, identity, None, None)
+        tail = None
+        if len(rows) > self._snapshot_max:
+            rows = rows[: self._snapshot_max]
+            tail = [_sort_value(rows[-1][s.label], s.type) for s in compiled.sort]
+        outputs = compiled.outputs
+        snap = Snapshot(
+            [c.name for c in outputs],
+            [msgspec.json.encode({c.name: _convert(r[f"c{i}"], c) for i, c in enumerate(outputs)})
+             for r in rows],
+            [None if r["as_of"] is None else int(r["as_of"]) for r in rows],
+            tail)
+        snapshot_id = secrets.token_urlsafe(12)
+        if not await self._store(identity, snapshot_id, snap):
+            # No place to keep it: keyset pages, as before snapshots (counted and logged).
+            return await self._page(conn, query, identity, None, None)
+        return msgspec.msgpack.encode(_slice(snap, identity, snapshot_id, 0, query.limit))
+
+    async def _snapshot_page(self, query: Query, identity: str, ref: SnapshotRef) -> Page:
+        raw = None
+        if self._cache is not None:
+            try:
+                raw = await self._cache.get(_snapshot_key(identity, ref.id))
+            except BackendUnavailable as exc:
+                # Unlike an answer, a snapshot cannot be recomputed: say "try again".
+                CACHE_ERRORS.inc()
+                log.warning("query.cache_unavailable", error=exc.message)
+                raise
+        if raw is None:
+            REJECTED.labels("invalid").inc()
+            raise CursorExpiredError(self._snapshot_ttl)
+        snap = msgspec.msgpack.decode(raw, type=Snapshot)
+        return _slice(snap, identity, ref.id, ref.offset, query.limit)
+
+    async def _store(self, identity: str, snapshot_id: str, snap: Snapshot) -> bool:
+        assert self._cache is not None
+        try:
+            await self._cache.put(_snapshot_key(identity, snapshot_id),
+                                  msgspec.msgpack.encode(snap), self._snapshot_ttl)
+        except BackendUnavailable as exc:
+            CACHE_ERRORS.inc()
+            log.warning("query.cache_unavailable", error=exc.message)
+            return False
+        return True
+
+    async def _renew(self, identity: str, snapshot_id: str) -> bool:
+        """Give a snapshot a full lifetime again; False if it is gone (or unreachable)."""
+        if self._cache is None:
+            return False
+        try:
+            return await self._cache.touch(_snapshot_key(identity, snapshot_id),
+                                           self._snapshot_ttl)
+        except BackendUnavailable as exc:
+            CACHE_ERRORS.inc()
+            log.warning("query.cache_unavailable", error=exc.message)
+            return False
 
     # -- caching any answer ------------------------------------------------------------------
 
