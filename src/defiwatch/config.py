@@ -172,7 +172,6 @@ class Settings(BaseSettings):
     # How long a push service keeps a message for an offline device, seconds; 0 = now or never.
     notify_push_ttl_s: int = Field(default=86_400, ge=0, le=2_419_200)
     notify_webhook_timeout_s: float = Field(default=10.0, gt=0, le=120)  # one HTTP attempt, DNS to last byte
-    notify_http_max_connections: int = Field(default=100, ge=1)  # shared by webhook, chat, push
     # SSRF allow-list: CIDRs, addresses, host names, `*.suffix`; JSON list or comma-separated.
     # Empty = public addresses only. Cloud metadata addresses need an exact entry.
     notify_ssrf_allow: Annotated[list[str], NoDecode] = []
@@ -184,7 +183,7 @@ class Settings(BaseSettings):
     notify_breaker_max_open_s: float = Field(default=1_800.0, gt=0)  # cap as failed probes double it
     # The notifier (notify/worker.py): how much it sends at once and how it claims work.
     notifier_concurrency: int = Field(default=256, ge=1)  # sends in flight per notifier
-    notifier_per_host: int = Field(default=32, ge=1)  # of which to one receiving host
+    notifier_per_host: int = Field(default=32, ge=1)  # of which to one receiving host (its pool size)
     notifier_batch: int = Field(default=200, ge=1, le=5_000)  # rows per claim
     notifier_lease_s: float = Field(default=60.0, gt=0)  # a claim not settled by then is retaken
     notifier_poll_s: float = Field(default=1.0, gt=0)  # claim at least this often (NOTIFY wakes sooner)

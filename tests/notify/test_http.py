@@ -3,8 +3,10 @@ loopback come out as the classification table says."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import socket
+import threading
 
 import httpx
 import pytest
@@ -14,10 +16,11 @@ from defiwatch.notify.senders.http import (
     MAX_ANSWER_BYTES,
     TRANSPORT_ERRORS,
     classify_transport_error,
+    create_http_client,
     post,
 )
-from defiwatch.notify.ssrf import BlockedDestination, Verdict
-from notify.receiver import HANG, Receiver, Reply
+from defiwatch.notify.ssrf import AddressGuard, BlockedDestination, Verdict
+from notify.receiver import HANG, Receiver, Reply, Seen
 
 HTTPX_ERRORS = sorted(
     (obj for _, obj in inspect.getmembers(httpx, inspect.isclass)
@@ -125,3 +128,27 @@ async def test_connections_are_kept_alive(receiver: Receiver, client: httpx.Asyn
         result = await post(client, receiver.url(), content=b"{}", headers={}, timeout_s=5.0)
         assert result.delivered
     assert len({r.client_port for r in receiver.requests}) == 1
+
+
+async def test_a_hanging_host_does_not_hold_the_connections_of_another(
+        guard: AddressGuard) -> None:
+    client = create_http_client(guard, timeout_s=5.0, per_host=1)
+    arrived = threading.Event()
+
+    def hang(_seen: Seen) -> Reply:
+        arrived.set()
+        return HANG
+
+    with Receiver(hang) as stuck, Receiver() as healthy:
+        try:
+            hanging = asyncio.create_task(post(client, stuck.url(), content=b"{}", headers={},
+                                               timeout_s=5.0))
+            # The stuck host holds its only connection from now on.
+            assert await asyncio.to_thread(arrived.wait, 5.0)
+            result = await post(client, healthy.url(), content=b"{}", headers={}, timeout_s=5.0)
+            # One pool for both would make this wait for the stuck request's connection, and
+            # time out: its own pool answers at once.
+            assert result.outcome is Outcome.DELIVERED
+            hanging.cancel()
+        finally:
+            await client.aclose()

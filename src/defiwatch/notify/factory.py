@@ -106,7 +106,7 @@ def build_senders(
     """
     timeout = settings.notify_webhook_timeout_s
     client = create_http_client(guard or address_guard(settings), timeout_s=timeout,
-                                max_connections=settings.notify_http_max_connections)
+                                per_host=settings.notifier_per_host)
     try:
         vapid = VapidKey.from_settings(settings)
     except (OSError, ValueError) as exc:

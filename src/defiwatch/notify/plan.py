@@ -44,11 +44,13 @@ from defiwatch.store.endpoints import live_secrets
 
 __all__ = [
     "BYPASS_KINDS",
+    "WINDOW_S",
     "Plan",
     "PlanInput",
     "Send",
     "build_notification",
     "digest_payload",
+    "per_minute",
     "plan",
     "quiet_until",
 ]
@@ -196,13 +198,16 @@ def _held_until(row: OutboxRow, given: PlanInput, spent: dict[tuple[int, str], l
         until = quiet_until(prefs, given.now)
         if until is not None:
             return until, "held: quiet hours"
-    limit = given.default_per_minute
-    if prefs is not None:
-        limit = prefs.max_per_minute.get(row.channel, limit)
+    limit = per_minute(prefs, row.channel, given.default_per_minute)
     times = spent.get((row.user_id, row.channel), [])
     if limit > 0 and len(times) >= limit:
         return times[-limit] + WINDOW_S, f"held: over {limit} {row.channel} notifications a minute"
     return None
+
+
+def per_minute(prefs: Preferences | None, channel: str, default: int) -> int:
+    """The user's limit for the channel (0 = unlimited)."""
+    return prefs.max_per_minute.get(channel, default) if prefs is not None else default
 
 
 def _severity(row: OutboxRow) -> str | None:

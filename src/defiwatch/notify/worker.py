@@ -15,7 +15,6 @@ its circuit breaker postpones its rows instead of spending attempts on them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import socket
@@ -35,7 +34,17 @@ from defiwatch.config import Settings
 from defiwatch.domain.events import Event
 from defiwatch.notify.breaker import Admission, CircuitBreaker, breaker_key
 from defiwatch.notify.message import Notification
-from defiwatch.notify.plan import Plan, PlanInput, Send, build_notification, digest_payload, plan
+from defiwatch.notify.plan import (
+    BYPASS_KINDS,
+    WINDOW_S,
+    Plan,
+    PlanInput,
+    Send,
+    build_notification,
+    digest_payload,
+    per_minute,
+    plan,
+)
 from defiwatch.notify.redact import redact_url
 from defiwatch.notify.retry import Action, Decision, RetryPolicy, decide
 from defiwatch.notify.senders.base import Outcome, Reason, SendResult
@@ -80,6 +89,7 @@ class NotifierConfig:
     poll_s: float = 1.0
     default_per_minute: int = 30
     disable_after_s: float = 3 * 86_400.0
+    send_timeout_s: float = 10.0  # the HTTP senders' deadline; the lease should outlast it
 
     @classmethod
     def from_settings(cls, s: Settings) -> NotifierConfig:
@@ -87,7 +97,8 @@ class NotifierConfig:
                    concurrency=s.notifier_concurrency, per_host=s.notifier_per_host,
                    batch=s.notifier_batch, lease_s=s.notifier_lease_s, poll_s=s.notifier_poll_s,
                    default_per_minute=s.notify_max_per_minute,
-                   disable_after_s=s.notify_disable_after_s)
+                   disable_after_s=s.notify_disable_after_s,
+                   send_timeout_s=s.notify_webhook_timeout_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +137,7 @@ class Notifier:
         self._rng = rng
         self._inflight: dict[str, int] = defaultdict(int)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._done: asyncio.Queue[_Done] = asyncio.Queue()
+        self._done: asyncio.Queue[_Done | None] = asyncio.Queue()  # None: the settler's stop
         self._slot_freed = asyncio.Event()
 
     # --- the loop ---------------------------------------------------------------------------
@@ -134,6 +145,11 @@ class Notifier:
     async def run(self, stop: asyncio.Event, wakeup: Wakeup) -> None:
         settler = asyncio.create_task(self._settle_forever(), name="notifier-settle")
         log.info("notifier.started", worker=self.config.worker)
+        if self.config.lease_s <= self.config.send_timeout_s:
+            log.warning("notifier.lease_too_short", lease_s=self.config.lease_s,
+                        send_timeout_s=self.config.send_timeout_s,
+                        consequence="a send slower than the lease is made again by another "
+                                    "notifier (same idempotency key)")
         try:
             while not stop.is_set():
                 try:
@@ -144,11 +160,11 @@ class Notifier:
                 if not more:
                     await self._idle(stop, wakeup)
         finally:
+            # Let the sends finish and the settler write every outcome before it stops: a
+            # cancelled write would roll back a batch of answered sends (sent again later).
             await self._finish_inflight()
-            settler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await settler
-            await self._settle_pending()
+            self._done.put_nowait(None)
+            await settler
             log.info("notifier.stopped", worker=self.config.worker)
 
     async def _idle(self, stop: asyncio.Event, wakeup: Wakeup) -> None:
@@ -202,19 +218,22 @@ class Notifier:
 
     async def _inputs(self, conn: AsyncConnection, rows: list[OutboxRow], now: float,
                       free: int) -> PlanInput:
-        first = [r for r in rows if r.dispatched_at is None]
+        first = [r for r in rows if r.dispatched_at is None and r.kind not in BYPASS_KINDS]
         endpoint_keys = {(r.user_id, r.channel, r.target) for r in rows
                          if r.channel in ("webhook", "chat", "email")}
         endpoints = await store.ensure_endpoints(conn, endpoint_keys, now=now,
                                                  new_secret=generate_webhook_secret)
         push_users = {r.user_id for r in rows if r.channel == "push"}
+        preferences = await store.load_preferences(conn, {r.user_id for r in first})
+        limits = {(r.user_id, r.channel): per_minute(preferences.get(r.user_id), r.channel,
+                                                     self.config.default_per_minute)
+                  for r in first}
         return PlanInput(
             now=now,
-            preferences=await store.load_preferences(conn, {r.user_id for r in first}),
+            preferences=preferences,
             endpoints=endpoints,
             devices=await store.load_devices(conn, push_users) if push_users else {},
-            dispatched=await store.recent_dispatches(
-                conn, {(r.user_id, r.channel) for r in first}, since=now - 60.0),
+            dispatched=await store.recent_dispatches(conn, limits, since=now - WINDOW_S),
             default_per_minute=self.config.default_per_minute,
             free=free,
             host_free=lambda host: self.config.per_host - self._inflight.get(host, 0),
@@ -282,25 +301,41 @@ class Notifier:
                               error=f"internal error: {type(exc).__name__}")
 
     async def _finish_inflight(self) -> None:
+        """Wait for the sends in flight (each is bounded by its sender's timeout)."""
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=self.config.lease_s)
+            await asyncio.wait(set(self._tasks))
 
     # --- settle -----------------------------------------------------------------------------
 
     async def _settle_forever(self) -> None:
-        while True:
-            batch = [await self._done.get()]
-            await self._settle(batch + self._take(_SETTLE_BATCH - 1))
+        """Settle outcomes in batches until the stop marker, and everything before it."""
+        stopping = False
+        while not stopping:
+            first = await self._done.get()
+            batch, stopping = self._take(_SETTLE_BATCH - 1)
+            if first is None:
+                stopping = True
+            else:
+                batch.insert(0, first)
+            if batch:
+                await self._settle(batch)
 
     async def _settle_pending(self) -> None:
         while not self._done.empty():
-            await self._settle(self._take(_SETTLE_BATCH))
+            batch, _ = self._take(_SETTLE_BATCH)
+            await self._settle(batch)
 
-    def _take(self, n: int) -> list[_Done]:
+    def _take(self, n: int) -> tuple[list[_Done], bool]:
+        """Up to `n` queued outcomes, and whether the stop marker was among them."""
         out: list[_Done] = []
+        stop = False
         while len(out) < n and not self._done.empty():
-            out.append(self._done.get_nowait())
-        return out
+            item = self._done.get_nowait()
+            if item is None:
+                stop = True
+            else:
+                out.append(item)
+        return out, stop
 
     async def _settle(self, batch: list[_Done]) -> None:
         """Write a batch of outcomes, retrying while the database is unreachable (the leases

@@ -436,12 +436,13 @@ async def load_preferences(conn: AsyncConnection, user_ids: Iterable[int]) -> di
 
 
 async def recent_dispatches(
-    conn: AsyncConnection, keys: Iterable[tuple[int, str]], *, since: float
+    conn: AsyncConnection, limits: Mapping[tuple[int, str], int], *, since: float
 ) -> dict[tuple[int, str], list[float]]:
-    """Dispatch times (first claims) since `since` per (user, channel), oldest first: what the
-    per-minute limit has already spent. On PostgreSQL the (user, channel) pairs are locked for
-    the transaction first, so two notifiers cannot both spend the last unit."""
-    wanted = sorted(set(keys))
+    """Per (user, channel) with a per-minute `limit`, its newest first dispatches since
+    `since`, at most `limit` of them, oldest first: the limit is spent when there are `limit`,
+    and the window has room again `WINDOW` after the oldest of them. On PostgreSQL the pairs
+    are locked for the transaction first, so two notifiers cannot both spend the last unit."""
+    wanted = sorted(k for k, limit in limits.items() if limit > 0)
     out: dict[tuple[int, str], list[float]] = {k: [] for k in wanted}
     if not wanted:
         return out
@@ -451,13 +452,19 @@ async def recent_dispatches(
                  "FROM unnest(CAST(:keys AS text[])) AS k ORDER BY k"),
             {"keys": [f"notify:{u}:{c}" for u, c in wanted]})
     t = notification_logs
+    newest = func.row_number().over(partition_by=(t.c.user_id, t.c.channel),
+                                    order_by=t.c.dispatched_at.desc()).label("n")
+    cap = max(limits[k] for k in wanted)
     for chunk in _chunks(wanted, 300):
-        rows = await conn.execute(
-            select(t.c.user_id, t.c.channel, t.c.dispatched_at)
-            .where(tuple_(t.c.user_id, t.c.channel).in_(chunk), t.c.dispatched_at >= since)
-            .order_by(t.c.dispatched_at))
+        ranked = (select(t.c.user_id, t.c.channel, t.c.dispatched_at, newest)
+                  .where(tuple_(t.c.user_id, t.c.channel).in_(chunk), t.c.dispatched_at >= since)
+                  .subquery())
+        rows = await conn.execute(select(ranked).where(ranked.c.n <= cap)
+                                  .order_by(ranked.c.dispatched_at))
         for r in rows:
-            out[(int(r.user_id), str(r.channel))].append(float(r.dispatched_at))
+            key = (int(r.user_id), str(r.channel))
+            if r.n <= limits[key]:
+                out[key].append(float(r.dispatched_at))
     return out
 
 

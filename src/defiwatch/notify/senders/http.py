@@ -1,11 +1,13 @@
 """The HTTP side shared by the webhook, chat and push senders: one guarded httpx client and
 one `post` that turns whatever happens into a SendResult.
 
-The client: HTTP/1.1 with keep-alive (a pool shared by every sender in the process), redirects
-not followed, proxies from the environment ignored, every TCP connection made through the SSRF
-guard (`GuardedBackend`). Each attempt has an overall deadline (`timeout_s`, 10 s for
-webhooks) on top of httpx's per-phase timeouts, and reads at most `MAX_ANSWER_BYTES` of the
-answer, so a slow or chatty receiver cannot hold a worker.
+The client: HTTP/1.1 with keep-alive in one connection pool per receiving host (`PerHostPools`:
+a slow host fills only its own pool, and each pool stays small, where httpcore's bookkeeping
+per request grows with the pool's size), redirects not followed, proxies from the environment
+ignored, every TCP connection made through the SSRF guard (`GuardedBackend`). Each attempt has
+an overall deadline (`timeout_s`, 10 s for webhooks) on top of httpx's per-phase timeouts, and
+reads at most `MAX_ANSWER_BYTES` of the answer, so a slow or chatty receiver cannot hold a
+worker.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping
 
 import httpcore
@@ -29,6 +32,7 @@ __all__ = [
     "USER_AGENT",
     "GuardedBackend",
     "GuardedTransport",
+    "PerHostPools",
     "classify_transport_error",
     "create_http_client",
     "post",
@@ -167,11 +171,47 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
         )
 
 
+class PerHostPools(httpx.AsyncBaseTransport):
+    """One `GuardedTransport` (connection pool) per (scheme, host, port), made on first use.
+
+    The least recently used pools beyond `max_hosts` are closed (their connections would have
+    expired anyway after `keepalive_expiry` of idleness)."""
+
+    def __init__(self, guard: AddressGuard, *, verify: ssl.SSLContext | bool, limits: httpx.Limits,
+                 max_hosts: int = 1_000) -> None:
+        self._guard = guard
+        self._verify = verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context(
+            verify=verify, trust_env=False)
+        self._limits = limits
+        self._max_hosts = max_hosts
+        self._pools: OrderedDict[tuple[bytes, str, int | None], GuardedTransport] = OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        key = (request.url.raw_scheme, request.url.host, request.url.port)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = GuardedTransport(self._guard, verify=self._verify,
+                                                       limits=self._limits)
+            while len(self._pools) > self._max_hosts:
+                _, evicted = self._pools.popitem(last=False)
+                task = asyncio.create_task(evicted.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        else:
+            self._pools.move_to_end(key)
+        return await pool.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        pools, self._pools = list(self._pools.values()), OrderedDict()
+        await asyncio.gather(*(p.aclose() for p in pools), *self._closing)
+
+
 def create_http_client(
     guard: AddressGuard,
     *,
     timeout_s: float = 10.0,
-    max_connections: int = 100,
+    per_host: int = 32,
     keepalive_s: float = 30.0,
     verify: ssl.SSLContext | bool = True,
 ) -> httpx.AsyncClient:
@@ -180,15 +220,15 @@ def create_http_client(
     Args:
         guard: the SSRF guard every connection goes through.
         timeout_s: per-phase timeout (connect, read, write, pool), seconds.
-        max_connections: open connections in all, across hosts.
+        per_host: open connections to one receiving host (the notifier sends at most this
+            many to one host at once, so no request waits for a connection).
         keepalive_s: how long an idle connection is kept for reuse, seconds.
         verify: TLS verification (an SSLContext to trust a private CA; False only in tests).
     """
-    limits = httpx.Limits(max_connections=max_connections,
-                          max_keepalive_connections=max(1, max_connections // 5),
+    limits = httpx.Limits(max_connections=per_host, max_keepalive_connections=per_host,
                           keepalive_expiry=keepalive_s)
     return httpx.AsyncClient(
-        transport=GuardedTransport(guard, verify=verify, limits=limits),
+        transport=PerHostPools(guard, verify=verify, limits=limits),
         timeout=httpx.Timeout(timeout_s),
         follow_redirects=False,
         trust_env=False,
