@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
-import httpx
 import pytest
 
-from defiwatch.notify.senders.http import create_http_client
+from defiwatch.notify.senders.http import HttpClient, create_http_client
 from defiwatch.notify.ssrf import AddressGuard, AllowList
 from notify.receiver import Receiver
 
@@ -25,7 +24,7 @@ def guard() -> AddressGuard:
 
 
 @pytest.fixture
-async def client(guard: AddressGuard, timeout_factor: float) -> AsyncIterator[httpx.AsyncClient]:
+async def client(guard: AddressGuard, timeout_factor: float) -> AsyncIterator[HttpClient]:
     http = create_http_client(guard, timeout_s=5.0 * timeout_factor)
     yield http
     await http.aclose()

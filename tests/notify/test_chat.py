@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 
 from defiwatch.notify.message import ChatFlavour, ChatTarget, NotificationKind, RuleRef
@@ -18,6 +17,7 @@ from defiwatch.notify.senders.chat import (
     flavour_for,
     slack_message,
 )
+from defiwatch.notify.senders.http import HttpClient
 from notify.factories import notification, tvl_event
 from notify.receiver import Receiver, Reply
 
@@ -111,7 +111,7 @@ def test_price_and_resolved_messages() -> None:
     ("path", "flavour", "key"),
     [("/services/T/B/C", None, "blocks"), ("/api/webhooks/1/t", ChatFlavour.DISCORD, "embeds")],
 )
-async def test_delivery(receiver: Receiver, client: httpx.AsyncClient, path: str,
+async def test_delivery(receiver: Receiver, client: HttpClient, path: str,
                         flavour: ChatFlavour | None, key: str) -> None:
     receiver.script(Reply(204, b""))
     result = await ChatSender(client).send(notification(ChatTarget(receiver.url(path), flavour)))
@@ -121,7 +121,7 @@ async def test_delivery(receiver: Receiver, client: httpx.AsyncClient, path: str
     assert key in json.loads(seen.body)
 
 
-async def test_rate_limits_and_dead_hooks(receiver: Receiver, client: httpx.AsyncClient) -> None:
+async def test_rate_limits_and_dead_hooks(receiver: Receiver, client: HttpClient) -> None:
     receiver.script(Reply(429, b'{"retry_after": 2.5}', {"Retry-After": "3"}),
                     Reply(404, b"no_service"))
     sender = ChatSender(client)

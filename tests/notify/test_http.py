@@ -1,20 +1,21 @@
-"""The shared HTTP side: every httpx exception is mapped, and real answers from a server on
+"""The shared HTTP side: every aiohttp exception is mapped, and real answers from a server on
 loopback come out as the classification table says."""
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import socket
 import threading
 
-import httpx
+import aiohttp
 import pytest
+from aiohttp.client_reqrep import ConnectionKey
 
 from defiwatch.notify.senders.base import Outcome, Reason
 from defiwatch.notify.senders.http import (
     MAX_ANSWER_BYTES,
     TRANSPORT_ERRORS,
+    HttpClient,
     classify_transport_error,
     create_http_client,
     post,
@@ -22,33 +23,45 @@ from defiwatch.notify.senders.http import (
 from defiwatch.notify.ssrf import AddressGuard, BlockedDestination, Verdict
 from notify.receiver import HANG, Receiver, Reply, Seen
 
-HTTPX_ERRORS = sorted(
-    (obj for _, obj in inspect.getmembers(httpx, inspect.isclass)
-     if issubclass(obj, Exception) and obj.__module__.startswith("httpx")),
-    key=lambda cls: cls.__name__,
-)
+
+def _subclasses(cls: type[Exception]) -> set[type[Exception]]:
+    found = {cls}
+    for sub in cls.__subclasses__():
+        found |= _subclasses(sub)
+    return found
 
 
-def test_httpx_exposes_the_exceptions_we_expect() -> None:
-    assert {"ConnectTimeout", "RemoteProtocolError", "InvalidURL", "StreamError"} <= {
-        cls.__name__ for cls in HTTPX_ERRORS}
+AIOHTTP_ERRORS = sorted((cls for cls in _subclasses(aiohttp.ClientError)
+                         if cls.__module__.startswith("aiohttp")),
+                        key=lambda cls: cls.__name__)
+KEY = ConnectionKey("hooks.example", 443, True, True, None, None, None)
 
 
-@pytest.mark.parametrize("cls", HTTPX_ERRORS, ids=lambda cls: cls.__name__)
-def test_every_httpx_exception_is_mapped(cls: type[Exception]) -> None:
-    assert cls in TRANSPORT_ERRORS, f"map httpx.{cls.__name__} in senders/http.py"
+def test_aiohttp_exposes_the_exceptions_we_expect() -> None:
+    assert {"ClientConnectorError", "ServerDisconnectedError", "InvalidURL",
+            "ClientPayloadError", "ConnectionTimeoutError"} <= {
+        cls.__name__ for cls in AIOHTTP_ERRORS}
+
+
+@pytest.mark.parametrize("cls", AIOHTTP_ERRORS, ids=lambda cls: cls.__name__)
+def test_every_aiohttp_exception_is_mapped(cls: type[Exception]) -> None:
+    assert cls in TRANSPORT_ERRORS, f"map aiohttp.{cls.__name__} in senders/http.py"
 
 
 @pytest.mark.parametrize(
     ("exc", "expected"),
     [
-        (httpx.ConnectTimeout("t"), (Outcome.RETRY, Reason.TIMEOUT)),
-        (httpx.ReadTimeout("t"), (Outcome.RETRY, Reason.TIMEOUT)),
-        (httpx.ConnectError("refused"), (Outcome.RETRY, Reason.NETWORK)),
-        (httpx.RemoteProtocolError("closed"), (Outcome.RETRY, Reason.PROTOCOL)),
-        (httpx.LocalProtocolError("bad header"), (Outcome.FAILED_FINAL, Reason.INVALID_TARGET)),
-        (httpx.UnsupportedProtocol("ftp"), (Outcome.FAILED_FINAL, Reason.INVALID_TARGET)),
-        (httpx.InvalidURL("bad"), (Outcome.FAILED_FINAL, Reason.INVALID_TARGET)),
+        (aiohttp.ConnectionTimeoutError("t"), (Outcome.RETRY, Reason.TIMEOUT)),
+        (aiohttp.SocketTimeoutError("t"), (Outcome.RETRY, Reason.TIMEOUT)),
+        (aiohttp.ClientConnectorError(KEY, ConnectionRefusedError(111, "refused")),
+         (Outcome.RETRY, Reason.NETWORK)),
+        (aiohttp.ClientConnectorDNSError(KEY, socket.gaierror(-2, "unknown")),
+         (Outcome.RETRY, Reason.NETWORK)),
+        (aiohttp.ServerDisconnectedError(), (Outcome.RETRY, Reason.PROTOCOL)),
+        (aiohttp.ClientPayloadError("truncated"), (Outcome.RETRY, Reason.PROTOCOL)),
+        (aiohttp.NonHttpUrlClientError("ftp://x"), (Outcome.FAILED_FINAL, Reason.INVALID_TARGET)),
+        (aiohttp.InvalidUrlClientError("http://"), (Outcome.FAILED_FINAL, Reason.INVALID_TARGET)),
+        (aiohttp.ContentTypeError(None, ()), (Outcome.FAILED_FINAL, Reason.INTERNAL)),  # type: ignore[arg-type]
         (BlockedDestination("h", "127.0.0.1", Verdict.LOOPBACK), (Outcome.FAILED_FINAL, Reason.BLOCKED)),
         (TimeoutError(), (Outcome.RETRY, Reason.TIMEOUT)),
         (ConnectionResetError(), (Outcome.RETRY, Reason.NETWORK)),
@@ -58,6 +71,16 @@ def test_every_httpx_exception_is_mapped(cls: type[Exception]) -> None:
 )
 def test_transport_error_classification(exc: BaseException, expected: tuple[Outcome, Reason]) -> None:
     assert classify_transport_error(exc) == expected
+
+
+def test_a_refusal_wrapped_by_aiohttp_is_still_a_refusal() -> None:
+    try:
+        try:
+            raise BlockedDestination("h", "10.0.0.1", Verdict.PRIVATE)
+        except BlockedDestination as inner:
+            raise aiohttp.ClientConnectorError(KEY, OSError("wrapped")) from inner
+    except aiohttp.ClientConnectorError as exc:
+        assert classify_transport_error(exc) == (Outcome.FAILED_FINAL, Reason.BLOCKED)
 
 
 @pytest.mark.parametrize(
@@ -76,7 +99,7 @@ def test_transport_error_classification(exc: BaseException, expected: tuple[Outc
          Reason.REDIRECT, None),
     ],
 )
-async def test_answers_are_classified(receiver: Receiver, client: httpx.AsyncClient, reply: Reply,
+async def test_answers_are_classified(receiver: Receiver, client: HttpClient, reply: Reply,
                                       outcome: Outcome, reason: Reason,
                                       retry_after: float | None) -> None:
     receiver.script(reply)
@@ -91,7 +114,7 @@ async def test_answers_are_classified(receiver: Receiver, client: httpx.AsyncCli
         assert result.error is not None and result.error.startswith(f"HTTP {reply.status}")
 
 
-async def test_a_silent_receiver_times_out(receiver: Receiver, client: httpx.AsyncClient,
+async def test_a_silent_receiver_times_out(receiver: Receiver, client: HttpClient,
                                            timeout_factor: float) -> None:
     receiver.script(HANG)
     result = await post(client, receiver.url(), content=b"{}", headers={},
@@ -99,7 +122,7 @@ async def test_a_silent_receiver_times_out(receiver: Receiver, client: httpx.Asy
     assert (result.outcome, result.reason) == (Outcome.RETRY, Reason.TIMEOUT)
 
 
-async def test_a_closed_port_is_a_network_error(client: httpx.AsyncClient) -> None:
+async def test_a_closed_port_is_a_network_error(client: HttpClient) -> None:
     with socket.socket() as sock:  # bind, never listen: connections are refused
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -108,7 +131,7 @@ async def test_a_closed_port_is_a_network_error(client: httpx.AsyncClient) -> No
     assert (result.outcome, result.reason) == (Outcome.RETRY, Reason.NETWORK)
 
 
-async def test_errors_do_not_carry_the_url_secrets(client: httpx.AsyncClient) -> None:
+async def test_errors_do_not_carry_the_url_secrets(client: HttpClient) -> None:
     result = await post(client, "gopher://user:hunter2@127.0.0.1/x?token=abc", content=b"{}",
                         headers={}, timeout_s=5.0)
     assert (result.outcome, result.reason) == (Outcome.FAILED_FINAL, Reason.INVALID_TARGET)
@@ -116,14 +139,14 @@ async def test_errors_do_not_carry_the_url_secrets(client: httpx.AsyncClient) ->
     assert "hunter2" not in result.error and "token=abc" not in result.error
 
 
-async def test_long_answers_are_cut(receiver: Receiver, client: httpx.AsyncClient) -> None:
+async def test_long_answers_are_cut(receiver: Receiver, client: HttpClient) -> None:
     receiver.script(Reply(500, b"x" * (MAX_ANSWER_BYTES * 4)))
     result = await post(client, receiver.url(), content=b"{}", headers={}, timeout_s=5.0)
     assert result.outcome is Outcome.RETRY
     assert result.error is not None and len(result.error) < 300
 
 
-async def test_connections_are_kept_alive(receiver: Receiver, client: httpx.AsyncClient) -> None:
+async def test_connections_are_kept_alive(receiver: Receiver, client: HttpClient) -> None:
     for _ in range(3):
         result = await post(client, receiver.url(), content=b"{}", headers={}, timeout_s=5.0)
         assert result.delivered

@@ -7,12 +7,11 @@ import ipaddress
 import socket
 from pathlib import Path
 
-import httpx
 import pytest
 
 from defiwatch.errors import ValidationError
 from defiwatch.notify.senders.base import Outcome, Reason
-from defiwatch.notify.senders.http import create_http_client, post
+from defiwatch.notify.senders.http import HttpClient, create_http_client, post
 from defiwatch.notify.ssrf import (
     AddressGuard,
     AllowList,
@@ -146,7 +145,7 @@ def table(answers: dict[str, list[str]], calls: list[str] | None = None) -> Reso
     return resolve
 
 
-async def send(client: httpx.AsyncClient, url: str) -> tuple[Outcome, Reason, str | None]:
+async def send(client: HttpClient, url: str) -> tuple[Outcome, Reason, str | None]:
     result = await post(client, url, content=b"{}", headers={}, timeout_s=5.0)
     return result.outcome, result.reason, result.error
 
@@ -168,7 +167,33 @@ async def test_loopback_is_refused_before_any_byte_is_sent(receiver: Receiver) -
     assert receiver.requests == []
 
 
-async def test_allow_listed_loopback_is_delivered(receiver: Receiver, client: httpx.AsyncClient
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://[::1]:{port}/hook", Reason.BLOCKED),
+        ("http://[::ffff:7f00:1]:{port}/hook", Reason.BLOCKED),
+        ("HTTP://127.0.0.1:{port}/hook", Reason.BLOCKED),
+        # numeric forms the OS would map to 127.0.0.1 and aiohttp would not resolve
+        ("http://127.1:{port}/hook", Reason.INVALID_TARGET),
+        ("http://2130706433:{port}/hook", Reason.INVALID_TARGET),
+        ("http://0x7f.0.0.1:{port}/hook", Reason.BLOCKED),  # a "name": resolved, then judged
+        ("ws://127.0.0.1:{port}/hook", Reason.INVALID_TARGET),  # aiohttp would take ws://
+    ],
+)
+async def test_literal_hosts_are_judged_like_resolved_names(receiver: Receiver, url: str,
+                                                            reason: Reason) -> None:
+    """aiohttp connects to IP literals without asking the resolver: the client checks them
+    itself, with the verdicts of resolved addresses."""
+    client = create_http_client(AddressGuard())  # no allow-list
+    try:
+        outcome, got, _ = await send(client, url.format(port=receiver.port))
+    finally:
+        await client.aclose()
+    assert (outcome, got) == (Outcome.FAILED_FINAL, reason)
+    assert receiver.requests == []
+
+
+async def test_allow_listed_loopback_is_delivered(receiver: Receiver, client: HttpClient
                                                   ) -> None:
     assert (await send(client, receiver.url()))[:2] == (Outcome.DELIVERED, Reason.ACCEPTED)
     assert len(receiver.requests) == 1

@@ -6,13 +6,13 @@ from __future__ import annotations
 import base64
 import json
 
-import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from defiwatch.errors import ValidationError
 from defiwatch.notify.message import Notification, NotificationKind, RuleRef, WebhookTarget
 from defiwatch.notify.senders.base import Outcome, Reason
+from defiwatch.notify.senders.http import HttpClient
 from defiwatch.notify.senders.webhook import (
     WebhookSender,
     generate_webhook_secret,
@@ -104,7 +104,7 @@ def test_payload_of_other_kinds() -> None:
     assert "550 no such user" in disabled["data"]["message"]
 
 
-async def test_delivery_is_signed_and_verifiable(receiver: Receiver, client: httpx.AsyncClient) -> None:
+async def test_delivery_is_signed_and_verifiable(receiver: Receiver, client: HttpClient) -> None:
     secret = generate_webhook_secret()
     sender = WebhookSender(client)
     result = await sender.send(notification(WebhookTarget(receiver.url("/in"), (secret,))))
@@ -121,7 +121,7 @@ async def test_delivery_is_signed_and_verifiable(receiver: Receiver, client: htt
 
 
 async def test_during_rotation_receivers_with_either_secret_verify(
-        receiver: Receiver, client: httpx.AsyncClient) -> None:
+        receiver: Receiver, client: HttpClient) -> None:
     old = generate_webhook_secret()
     new, active = rotate_webhook_secrets([old])
     result = await WebhookSender(client).send(notification(WebhookTarget(receiver.url(), active)))
@@ -132,7 +132,7 @@ async def test_during_rotation_receivers_with_either_secret_verify(
 
 
 async def test_attempts_keep_the_id_and_refresh_the_timestamp(
-        receiver: Receiver, client: httpx.AsyncClient) -> None:
+        receiver: Receiver, client: HttpClient) -> None:
     secret = generate_webhook_secret()
     clock = iter([1_700_000_000.0, 1_700_000_000.0, 1_700_000_060.0, 1_700_000_060.0])
     sender = WebhookSender(client, clock=lambda: next(clock))
@@ -147,7 +147,7 @@ async def test_attempts_keep_the_id_and_refresh_the_timestamp(
     assert first.headers["webhook-signature"] != second.headers["webhook-signature"]
 
 
-async def test_receiver_failures_are_classified(receiver: Receiver, client: httpx.AsyncClient) -> None:
+async def test_receiver_failures_are_classified(receiver: Receiver, client: HttpClient) -> None:
     sender = WebhookSender(client)
     target = WebhookTarget(receiver.url(), (generate_webhook_secret(),))
     receiver.script(Reply(410, b"gone"), Reply(503, headers={"Retry-After": "30"}))
@@ -158,7 +158,7 @@ async def test_receiver_failures_are_classified(receiver: Receiver, client: http
 
 
 async def test_a_target_without_a_valid_secret_fails_for_good(
-        receiver: Receiver, client: httpx.AsyncClient) -> None:
+        receiver: Receiver, client: HttpClient) -> None:
     result = await WebhookSender(client).send(notification(WebhookTarget(receiver.url(), ())))
     assert (result.outcome, result.reason) == (Outcome.FAILED_FINAL, Reason.INVALID_TARGET)
     assert receiver.requests == []

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import http_ece
-import httpx
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from defiwatch.notify.message import PushTarget, RuleRef
 from defiwatch.notify.senders.base import Outcome, Reason
+from defiwatch.notify.senders.http import HttpClient
 from defiwatch.notify.senders.webpush import (
     MAX_PLAINTEXT,
     VapidKey,
@@ -118,7 +118,7 @@ def push_service(subscriber: Subscriber, vapid: VapidKey) -> Iterator[tuple[Push
 
 async def test_delivery_with_vapid_and_aes128gcm(
         push_service: tuple[PushService, Receiver], subscriber: Subscriber, vapid: VapidKey,
-        client: httpx.AsyncClient) -> None:
+        client: HttpClient) -> None:
     service, server = push_service
     sender = WebPushSender(client, vapid, SUBJECT, ttl_s=3600)
     result = await sender.send(notification(subscriber.target(server.url("/push/abc"))))
@@ -142,7 +142,7 @@ async def test_delivery_with_vapid_and_aes128gcm(
      (Reply(502), Outcome.RETRY)],
 )
 async def test_push_service_answers(push_service: tuple[PushService, Receiver], subscriber: Subscriber,
-                                    vapid: VapidKey, client: httpx.AsyncClient, reply: Reply,
+                                    vapid: VapidKey, client: HttpClient, reply: Reply,
                                     outcome: Outcome) -> None:
     _, server = push_service
     server.script(reply)
@@ -152,7 +152,7 @@ async def test_push_service_answers(push_service: tuple[PushService, Receiver], 
 
 
 async def test_bad_subscription_keys_fail_for_good(push_service: tuple[PushService, Receiver],
-                                                   vapid: VapidKey, client: httpx.AsyncClient) -> None:
+                                                   vapid: VapidKey, client: HttpClient) -> None:
     _, server = push_service
     target = PushTarget(server.url("/push/abc"), p256dh="bm90IGEga2V5", auth="c2hvcnQ")
     result = await WebPushSender(client, vapid, SUBJECT).send(notification(target))
@@ -161,7 +161,7 @@ async def test_bad_subscription_keys_fail_for_good(push_service: tuple[PushServi
 
 
 async def test_push_endpoints_go_through_the_ssrf_guard(subscriber: Subscriber, vapid: VapidKey,
-                                                        client: httpx.AsyncClient) -> None:
+                                                        client: HttpClient) -> None:
     target = subscriber.target("http://169.254.169.254/latest/meta-data/")
     result = await WebPushSender(client, vapid, SUBJECT).send(notification(target))
     assert (result.outcome, result.reason) == (Outcome.FAILED_FINAL, Reason.BLOCKED)

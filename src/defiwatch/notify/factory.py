@@ -1,6 +1,6 @@
 """Senders, retry policy and breaker from settings: what the notifier role gets from app.py.
 
-    senders = build_senders(settings)         # one guarded httpx client shared by three senders
+    senders = build_senders(settings)         # one guarded HTTP client (aiohttp) shared by three senders
     result = await senders.send(notification) # picks the channel's sender (metrics and logs on)
     ...
     await senders.aclose()
@@ -13,8 +13,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import httpx
-
 from defiwatch.errors import ConfigError
 from defiwatch.notify.breaker import BreakerPolicy, CircuitBreaker
 from defiwatch.notify.message import ChannelKind, Notification
@@ -24,7 +22,7 @@ from defiwatch.notify.retry import RetryPolicy
 from defiwatch.notify.senders.base import Outcome, Reason, Sender, SendResult
 from defiwatch.notify.senders.chat import ChatSender
 from defiwatch.notify.senders.email import EmailSender, SmtpConfig
-from defiwatch.notify.senders.http import create_http_client
+from defiwatch.notify.senders.http import HttpClient, create_http_client
 from defiwatch.notify.senders.webhook import WebhookSender
 from defiwatch.notify.senders.webpush import VapidKey, WebPushSender
 from defiwatch.notify.ssrf import AddressGuard, AllowList
@@ -63,7 +61,7 @@ class Senders:
     """One (observed) sender per channel kind and the HTTP client they share."""
 
     by_channel: Mapping[ChannelKind, ObservedSender]
-    client: httpx.AsyncClient
+    client: HttpClient
 
     def __getitem__(self, channel: ChannelKind) -> Sender:
         return self.by_channel[channel]
@@ -73,6 +71,7 @@ class Senders:
         return await self.by_channel[notification.channel].send(notification)
 
     async def aclose(self) -> None:
+        """Close the shared HTTP client (its aiohttp session and connections)."""
         await self.client.aclose()
 
 

@@ -7,10 +7,15 @@ unspecified and other non-global addresses and the cloud metadata endpoints (`ME
 judging the addresses a host name *resolves to*, not the name.
 
 DNS rebinding (a name that resolves to a public address when checked and to 127.0.0.1 when
-connected) is prevented by construction: the check happens inside the connection itself
-(`senders.http` gives httpx a network backend whose `connect_tcp` resolves the name once with
-the event loop's getaddrinfo, checks every address, and connects to a checked address). There is
-no second resolution to rebind; TLS still verifies the certificate against the URL's host name.
+connected) is prevented by construction: the check happens where the connection is made
+(`senders.http` gives aiohttp's connector a resolver, `GuardedResolver`, that resolves the name
+once with the event loop's getaddrinfo through `AddressGuard.resolve`, checks every address,
+and returns exactly the checked addresses for the connector to connect to; aiohttp's DNS cache
+is off, so every new connection asks again). There is no second resolution to rebind; TLS
+still verifies the certificate against the URL's host name. aiohttp connects to IP-literal
+hosts (`http://127.0.0.1/`, `http://[::1]/`) without a resolver, so `senders.http` judges those
+before each request with the same verdicts (`check_addresses`), and refuses numeric hosts that
+are not canonical addresses (`127.1`).
 Proxies from the environment are ignored (a proxy would connect on our behalf, unchecked), and
 redirects are not followed.
 

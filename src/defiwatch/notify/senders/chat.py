@@ -16,13 +16,12 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import msgspec
 
 from defiwatch.notify.message import ChannelKind, ChatFlavour, ChatTarget, Notification
 from defiwatch.notify.render import Summary, iso_utc, summarize
 from defiwatch.notify.senders.base import SendResult
-from defiwatch.notify.senders.http import post
+from defiwatch.notify.senders.http import HttpClient, post
 
 __all__ = [
     "ChatSender",
@@ -116,7 +115,7 @@ class ChatSender:
         clock: epoch seconds (Retry-After dates).
     """
 
-    def __init__(self, client: httpx.AsyncClient, *, timeout_s: float = 10.0,
+    def __init__(self, client: HttpClient, *, timeout_s: float = 10.0,
                  clock: Callable[[], float] = time.time) -> None:
         self._client = client
         self._timeout_s = timeout_s

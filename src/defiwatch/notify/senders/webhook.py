@@ -24,14 +24,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import httpx
 import msgspec
 
 from defiwatch.errors import ValidationError
 from defiwatch.notify.message import ChannelKind, Notification, NotificationKind, WebhookTarget
 from defiwatch.notify.render import iso_utc, summarize
 from defiwatch.notify.senders.base import Outcome, Reason, SendResult
-from defiwatch.notify.senders.http import post
+from defiwatch.notify.senders.http import HttpClient, post
 
 __all__ = [
     "SECRET_PREFIX",
@@ -145,7 +144,7 @@ class WebhookSender:
         clock: epoch seconds (the `webhook-timestamp` and Retry-After dates).
     """
 
-    def __init__(self, client: httpx.AsyncClient, *, timeout_s: float = 10.0,
+    def __init__(self, client: HttpClient, *, timeout_s: float = 10.0,
                  clock: Callable[[], float] = time.time) -> None:
         self._client = client
         self._timeout_s = timeout_s

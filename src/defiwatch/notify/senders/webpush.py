@@ -4,8 +4,8 @@ The crypto comes from the reference libraries of the Web Push working group: `ht
 encrypts the payload for the subscription (ECDH with its `p256dh` key and `auth` secret, RFC 8291
 key derivation), `py_vapid` signs the VAPID JWT. We call `http_ece` the way `pywebpush`'s
 `WebPusher.encode` does rather than through pywebpush: its send is blocking `requests` (it
-would stall the event loop) and importing it pulls in requests and aiohttp, which we never use.
-The HTTP request is ours, on the shared async httpx client.
+would stall the event loop) and goes around our SSRF guard. The HTTP request is ours, on the
+client the senders share (`senders.http`: aiohttp behind the guard).
 
 Request (RFC 8030 5, RFC 8292 3, RFC 8291 4):
 
@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import http_ece
-import httpx
 import msgspec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -42,7 +41,7 @@ from py_vapid import Vapid02, VapidException
 from defiwatch.notify.message import ChannelKind, Notification, PushTarget
 from defiwatch.notify.render import summarize
 from defiwatch.notify.senders.base import Outcome, Reason, SendResult
-from defiwatch.notify.senders.http import post
+from defiwatch.notify.senders.http import HttpClient, post
 
 if TYPE_CHECKING:
     from defiwatch.config import Settings
@@ -238,7 +237,7 @@ class WebPushSender:
         clock: epoch seconds (JWT expiry, Retry-After dates).
     """
 
-    def __init__(self, client: httpx.AsyncClient, vapid: VapidKey, subject: str, *,
+    def __init__(self, client: HttpClient, vapid: VapidKey, subject: str, *,
                  ttl_s: int = 86_400, timeout_s: float = 10.0,
                  clock: Callable[[], float] = time.time) -> None:
         self._client = client
