@@ -28,6 +28,13 @@ channels; server RSS before/after (per connection = delta / connected); then pha
 deliveries/s (--phases), each --duration s after --warmup s: deliveries/s received, event-to-client
 latency p50/p95/p99 (time.time() at receipt - emitted_at), CPU% of server and load process.
 
+Diagnostics: --keys N (distinct API keys, round-robin: 1 = the gateway's key cache serves every
+connect but the first; N = --clients = every connect is a database lookup), --profile PREFIX
+(cProfile of our server during the storm and the phases), GC pauses of both processes in every
+answer (`server_gc`, `load_gc`), --server-gc off|freeze (how much of the tail is the collector's),
+--load-gc (the load generator's collector; off by default so its pauses are not counted as server
+latency).
+
 Prints one JSON document and writes bench/results/ws_fanout-<date>.json (or --out). Loopback only;
 stops by itself; kills its child processes on failure.
 
@@ -42,6 +49,7 @@ import array
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -69,6 +77,35 @@ SELF = str(Path(__file__).resolve())
 
 def log(msg: str) -> None:
     print(f"[ws_fanout {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class GcPauses:
+    """Garbage-collector pauses of this process (gc.callbacks), to tell a stalled event loop
+    from a busy one: a full (generation 2) collection walks every live object, and 10,000
+    connections are a few million of them."""
+
+    def __init__(self) -> None:
+        self.collections = 0
+        self.total_s = 0.0
+        self.max_s = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._start
+        self.collections += 1
+        self.total_s += pause
+        self.max_s = max(self.max_s, pause)
+
+    def take(self) -> dict[str, Any]:
+        """Since the last take: collections, total and longest pause (ms); then reset."""
+        out = {"collections": self.collections, "total_ms": round(self.total_s * 1000, 1),
+               "max_ms": round(self.max_s * 1000, 1)}
+        self.collections, self.total_s, self.max_s = 0, 0.0, 0.0
+        return out
 
 
 def raise_nofile() -> int:
@@ -191,6 +228,13 @@ async def serve_ours(args: argparse.Namespace) -> None:
 
     configure_logging("console", "error")
     raise_nofile()
+    if args.server_gc == "off":
+        gc.disable()  # diagnostic only: how much of the tail is the collector's
+    elif args.server_gc == "freeze":
+        # The gateway's opt-in policy (gateway/gcpolicy.py; app.py does not install it yet):
+        # survivors of each full collection are frozen, thawed every 10 minutes.
+        from defiwatch.gateway.gcpolicy import FreezeAfterFullCollections
+        FreezeAfterFullCollections().install()
     if args.backlog:
         # Diagnostic variant (`ours-backlog`): websockets' serve() leaves asyncio's default
         # listen backlog (100); a full accept queue drops SYNs, which clients retry after 1 s.
@@ -206,9 +250,17 @@ async def serve_ours(args: argparse.Namespace) -> None:
         tiers={"enterprise": {"ws_connections": args.clients + 1_000}})
     events = [(msgspec.convert(e["event"], Event), e["channels"]) for e in args.pool]
     async with open_platform(settings) as p:
+        keys: list[str] = []
         async with p.engine.begin() as conn:
-            key, _ = await create_key(conn, user="bench", tier="enterprise", scopes=["read"],
-                                      tiers=list(settings.tiers))
+            # --keys N: N users with one key each, used round-robin by the clients. One key for
+            # all (the default) makes every connect but the first a cache hit in the gateway's
+            # key cache; N = --clients makes every connect a database lookup.
+            for i in range(max(1, args.keys)):
+                key, _ = await create_key(conn, user=f"bench-{i}", tier="enterprise",
+                                          scopes=["read"], tiers=list(settings.tiers))
+                keys.append(key)
+        keys_file = tmp / "keys.json"
+        keys_file.write_text(json.dumps(keys))
         gw = Gateway(settings=settings, engine=p.engine, stream=p.stream, cache=p.cache,
                      alerts=p.alerts)
         await gw.start()
@@ -240,11 +292,18 @@ async def serve_ours(args: argparse.Namespace) -> None:
                 sent += due
                 state["published"] += due
 
+        if args.server_gc == "startup":
+            # Diagnostic: everything allocated so far (imports, platform, event pool) lives for
+            # the whole process; frozen, no later full collection walks it again.
+            gc.collect()
+            gc.freeze()
         pub = asyncio.create_task(publisher())
-        print(json.dumps({"ready": True, "port": gw.port, "url": gw.url, "key": key}), flush=True)
+        print(json.dumps({"ready": True, "port": gw.port, "url": gw.url,
+                          "keys_file": str(keys_file)}), flush=True)
         try:
+            gc_pauses = GcPauses()
             await control_loop(state, lambda: {
-                "connections": gw.connection_count,
+                "connections": gw.connection_count, "gc": gc_pauses.take(),
                 "frames_sent": sum(s.value for m in gm.FRAMES_SENT.collect()
                                    for s in m.samples if s.name.endswith("_total"))})
         finally:
@@ -255,7 +314,11 @@ async def serve_ours(args: argparse.Namespace) -> None:
 
 
 async def control_loop(state: dict[str, Any], stats: Any) -> None:
-    """stdin commands: `rate R` (events/s), `stats`, `stop`; one JSON line answers each."""
+    """stdin commands: `rate R` (events/s), `stats`, `profile-start`, `profile-dump PATH`,
+    `stop`; one JSON line answers each."""
+    import cProfile
+
+    profiler = cProfile.Profile()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -266,6 +329,15 @@ async def control_loop(state: dict[str, Any], stats: Any) -> None:
         cmd, *rest = line.split()
         if cmd == "rate":
             state["rate"] = float(rest[0])
+        elif cmd == "profile-start":
+            profiler.enable()
+        elif cmd == "profile-dump":
+            # cProfile of the server's process (all its threads' Python code run on this one:
+            # cProfile follows the calling thread only, so aiosqlite's worker threads are not
+            # in it). Dumped and reset, so each dump covers the span since `profile-start`.
+            profiler.disable()
+            profiler.dump_stats(rest[0])
+            profiler.clear()
         print(json.dumps({"ok": cmd, "published": state["published"], **stats()}), flush=True)
 
 
@@ -276,7 +348,8 @@ class LoadGen:
     def __init__(self, args: argparse.Namespace) -> None:
         self.kind = args.kind
         self.url = args.url
-        self.key = args.key
+        self.keys: list[str] = json.loads(Path(args.keys_file).read_text()) if args.keys_file \
+            else [""]
         self.plan: list[list[str]] = json.loads(Path(args.plan).read_text())
         self.count = 0
         self.lat = array.array("d")
@@ -289,15 +362,16 @@ class LoadGen:
 
 
 class Client(asyncio.Protocol):
-    __slots__ = ("acks", "buf", "channels", "done", "lg", "proto", "raw", "subscribed_fut",
-                 "transport")
+    __slots__ = ("acks", "buf", "channels", "done", "key", "lg", "proto", "raw",
+                 "subscribed_fut", "transport")
 
     def __init__(self, lg: LoadGen, channels: list[str], done: asyncio.Future[float],
-                 subscribed: asyncio.Future[None]) -> None:
+                 subscribed: asyncio.Future[None], key: str) -> None:
         from websockets.client import ClientProtocol
         from websockets.uri import parse_uri
 
         self.lg = lg
+        self.key = key
         self.channels = channels
         self.done = done
         self.subscribed_fut = subscribed
@@ -313,7 +387,7 @@ class Client(asyncio.Protocol):
         self.transport = transport
         req = self.proto.connect()
         if self.lg.kind == "ours":
-            req.headers["Authorization"] = f"Bearer {self.lg.key}"
+            req.headers["Authorization"] = f"Bearer {self.key}"
         self.proto.send_request(req)
         self.flush()
 
@@ -429,20 +503,26 @@ class Client(asyncio.Protocol):
 
 async def run_load(args: argparse.Namespace) -> None:
     raise_nofile()
+    gc_pauses = GcPauses()
+    if args.load_gc == "off":
+        # The load generator's own full collections (10,000 client connections: 100-170 ms
+        # each) stall its loop and would be counted as server latency. It runs for minutes
+        # and keeps every client to the end, so not collecting cycles costs little memory.
+        gc.disable()
     lg = LoadGen(args)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     host, port = HOST, int(args.url.split(":")[2].split("/")[0])
 
-    async def connect_one(channels: list[str]) -> None:
+    async def connect_one(channels: list[str], key: str) -> None:
         done: asyncio.Future[float] = loop.create_future()
         subscribed: asyncio.Future[None] = loop.create_future()
         t0 = time.monotonic()
         try:
             async with asyncio.timeout(args.connect_timeout):
                 _transport, client = await loop.create_connection(
-                    lambda: Client(lg, channels, done, subscribed), host, port)
+                    lambda: Client(lg, channels, done, subscribed, key), host, port)
                 lg.clients.append(client)
                 t1 = await done
                 lg.connect_lat.append(t1 - t0)
@@ -466,7 +546,7 @@ async def run_load(args: argparse.Namespace) -> None:
                 delay = t0 + i / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(loop.create_task(connect_one(chans)))
+                tasks.append(loop.create_task(connect_one(chans, lg.keys[i % len(lg.keys)])))
             issued = time.monotonic() - t0
             await asyncio.gather(*tasks)
             print(json.dumps({
@@ -475,7 +555,8 @@ async def run_load(args: argparse.Namespace) -> None:
                 "offered_connects_per_s": rate,
                 "achieved_connect_issue_rate_per_s": round(len(lg.plan) / issued, 1),
                 "storm_duration_s": round(time.monotonic() - t0, 2),
-                "connect_latency": dist_ms(lg.connect_lat)}), flush=True)
+                "connect_latency": dist_ms(lg.connect_lat),
+                "load_gc": gc_pauses.take()}), flush=True)
         elif cmd == "measure":
             seconds = float(rest[0])
             lg.count, lg.lat = 0, array.array("d")
@@ -589,7 +670,8 @@ def server_cmd(name: str, args: argparse.Namespace, events: Path, tmp: Path) -> 
     if name in ("ours", "ours-backlog"):
         return [*pin, sys.executable, SELF, "_serve-ours", "--events", str(events),
                 "--tmp", str(tmp), "--clients", str(args.clients),
-                "--backlog", str(args.backlog if name == "ours-backlog" else 0)], None
+                "--backlog", str(args.backlog if name == "ours-backlog" else 0),
+                "--keys", str(args.keys), "--server-gc", args.server_gc], None
     if name == "sio":
         return [*pin, sys.executable, str(SIO_SERVER), "--events", str(events)], None
     if name == "node":
@@ -613,21 +695,31 @@ async def bench_server(name: str, args: argparse.Namespace, events: Path, plan_p
         load = await Child.start("load", [
             "taskset", "-c", str(LOAD_CORE), sys.executable, SELF,
             "_load", "--kind", "ours" if name.startswith("ours") else "sio", "--url", url,
-            "--key", ready.get("key", ""), "--plan", str(plan_path),
+            "--keys-file", ready.get("keys_file", ""), "--plan", str(plan_path),
             "--connect-timeout", str(args.connect_timeout),
-            "--sample-every", str(args.sample_every)], None, tmp / f"load-{name}.stderr")
+            "--sample-every", str(args.sample_every), "--load-gc", args.load_gc], None,
+            tmp / f"load-{name}.stderr")
+        profile = args.profile if name.startswith("ours") else None
+        if profile:
+            await server.ask("profile-start")
         log(f"{name}: connect storm of {args.clients} at {args.connect_rate}/s")
         s_cpu, l_cpu, t = proc_cpu_s(pid), proc_cpu_s(load.proc.pid), time.monotonic()
         overflows = listen_overflows()
+        await server.ask("stats")  # resets the server's GC pause tally
         storm = await load.ask(f"connect {args.connect_rate}",
                                timeout=args.clients / args.connect_rate + args.connect_timeout + 60)
         el = time.monotonic() - t
+        storm["server_gc"] = (await server.ask("stats")).get("gc")
         storm["server_cpu_pct"] = round((proc_cpu_s(pid) - s_cpu) / el * 100, 1)
         storm["load_cpu_pct"] = round((proc_cpu_s(load.proc.pid) - l_cpu) / el * 100, 1)
         storm["listen_overflows_host"] = listen_overflows() - overflows
         res["connect_storm"] = storm
+        if profile:
+            await server.ask(f"profile-dump {profile}-{name}-storm.prof")
+            await server.ask("profile-start")
         log(f"{name}: {storm['connected']} connected, {storm['subscribed']} subscribed, "
-            f"connect p95 {storm['connect_latency'].get('p95_ms')} ms, failures {storm['failures']}")
+            f"connect p95 {storm['connect_latency'].get('p95_ms')} ms, failures {storm['failures']}, "
+            f"gc server {storm['server_gc']} load {storm.get('load_gc')}")
         await asyncio.sleep(3)
         rss1 = proc_rss_kib(pid)
         held = max(1, storm["subscribed"])
@@ -653,6 +745,7 @@ async def bench_server(name: str, args: argparse.Namespace, events: Path, plan_p
                      "events_published": st1["published"] - st0["published"],
                      "server_rss_kib": proc_rss_kib(pid), "loadavg": os.getloadavg(),
                      "cores": core_usage(cores0, core_ticks())}
+            phase["server_gc"] = st1.get("gc")
             if "frames_sent" in st1:
                 phase["server_frames_sent_per_s"] = round(
                     (st1["frames_sent"] - st0["frames_sent"]) / el, 1)
@@ -672,6 +765,8 @@ async def bench_server(name: str, args: argparse.Namespace, events: Path, plan_p
                 res["stopped_stepping_up"] = (
                     f"received {m['deliveries_per_s']}/s < 80 % of offered {offered}/s")
                 break
+        if profile:
+            await server.ask(f"profile-dump {profile}-{name}-phases.prof")
     except Exception as exc:
         res["error"] = repr(exc)
         log(f"{name}: FAILED {exc!r}")
@@ -758,7 +853,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "duration_s": args.duration, "events_in_pool": len(events),
                 "event_types": dict(Counter(e["event"]["type"] for e in events)),
                 "subscription_mix": info,
-                "peers_auth": "ours: API key (SQLite lookup) per connection; peers: none",
+                "peers_auth": "ours: API key per connection (SQLite lookup, cached by the "
+                              "gateway for 60 s), --keys distinct keys round-robin; peers: none",
+                "api_keys": args.keys,
             },
             "results": {},
         }
@@ -780,10 +877,13 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     so.add_argument("--tmp", required=True)
     so.add_argument("--clients", type=int, default=10_000)
     so.add_argument("--backlog", type=int, default=0)
+    so.add_argument("--keys", type=int, default=1)
+    so.add_argument("--server-gc", choices=["on", "off", "freeze", "startup"], default="on")
     ld = sub.add_parser("_load")
     ld.add_argument("--kind", choices=["ours", "sio"], required=True)
     ld.add_argument("--url", required=True)
-    ld.add_argument("--key", default="")
+    ld.add_argument("--keys-file", default="")
+    ld.add_argument("--load-gc", choices=["on", "off"], default="off")
     ld.add_argument("--plan", required=True)
     ld.add_argument("--connect-timeout", type=float, default=30)
     ld.add_argument("--sample-every", type=int, default=1)
@@ -808,6 +908,19 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--node", default=shutil.which("node") or "node")
     p.add_argument("--out", type=Path)
+    p.add_argument("--load-gc", choices=["on", "off"], default="off",
+                   help="the load generator's garbage collector (off: its pauses are not "
+                        "counted as server latency)")
+    p.add_argument("--server-gc", choices=["on", "off", "freeze", "startup"], default="on",
+                   help="our server's garbage collector: on (default), freeze (the opt-in "
+                        "gateway.gcpolicy), startup (gc.freeze() once before the storm), off "
+                        "(diagnostic: how much of the tail is collector pauses)")
+    p.add_argument("--keys", type=int, default=1,
+                   help="distinct API keys (one user each) the clients use round-robin (ours); "
+                        "1 = every connect after the first hits the gateway's key cache")
+    p.add_argument("--profile", help="cProfile our server: writes PROFILE-<server>-storm.prof "
+                                     "(connect storm) and PROFILE-<server>-phases.prof (load "
+                                     "phases); slows the server, so not for reported numbers")
     return p.parse_args(argv)
 
 

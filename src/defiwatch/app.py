@@ -22,6 +22,7 @@ from defiwatch.cache import HotCache, MemoryHotCache, RedisHotCache
 from defiwatch.config import Settings
 from defiwatch.domain import ChangeDetector, Thresholds
 from defiwatch.gateway import Gateway, SocketIOServer
+from defiwatch.gateway.gcpolicy import FreezeAfterFullCollections
 from defiwatch.ingest.defillama import DefiLlamaPoller
 from defiwatch.ingest.replay import replay
 from defiwatch.ingest.service import IngestService
@@ -214,9 +215,14 @@ async def run_roles(
                                  coins_url=s.defillama_coins_url, interval_s=s.poller_interval_s,
                                  coins=s.poller_coins)
         lasting.append(asyncio.create_task(poller.run(stop), name="poller"))
+    gc_policy = FreezeAfterFullCollections() if "gateway" in roles and s.gateway_gc_freeze else None
+    if gc_policy is not None:
+        gc_policy.install()  # process-wide: the collector is
     if "gateway" in roles:
         gateway = Gateway(settings=s, engine=platform.engine, stream=platform.stream,
-                          cache=platform.cache, alerts=platform.alerts)
+                          cache=platform.cache, alerts=platform.alerts,
+                          key_cache_ttl_s=s.gateway_key_cache_ttl_s,
+                          revalidate_interval_s=s.gateway_revalidate_s)
         lasting.append(asyncio.create_task(gateway.serve(stop), name="gateway"))
         # The Socket.IO compatibility server shares the gateway's hub: one fan-out for both.
         socketio_server = SocketIOServer(settings=s, engine=platform.engine, hub=gateway.hub,
@@ -251,3 +257,5 @@ async def run_roles(
         server.should_exit = True
     stopper.cancel()
     await asyncio.gather(*lasting, return_exceptions=True)
+    if gc_policy is not None:
+        gc_policy.uninstall()

@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     gateway_ping_interval_s: float = Field(default=20.0, gt=0)
     gateway_ping_timeout_s: float = Field(default=20.0, gt=0)
     gateway_auth_timeout_s: float = Field(default=5.0, gt=0)  # for a first `auth` message
+    gateway_key_cache_ttl_s: float = Field(default=60.0, ge=0)  # verified keys served from memory
+    gateway_revalidate_s: float = Field(default=10.0, ge=0)  # revoked keys closed within this; 0 = never
+    gateway_gc_freeze: bool = True  # freeze GC survivors (gateway/gcpolicy.py): no storm-long pauses
     # How long a closing connection waits for the client's close frame before dropping TCP
     # (a dead or stalled client never sends it).
     gateway_close_timeout_s: float = Field(default=5.0, gt=0)

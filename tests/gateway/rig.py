@@ -142,11 +142,13 @@ class Rig:
     def gateway(self) -> Gateway:
         return self.gateways[0]
 
-    async def start_gateway(self, **overrides: Any) -> Gateway:
+    async def start_gateway(self, *, options: dict[str, Any] | None = None, **overrides: Any
+                            ) -> Gateway:
+        """Start one more gateway: `overrides` of settings, `options` of the Gateway itself."""
         settings = self.settings.model_copy(update=overrides) if overrides else self.settings
         gateway = Gateway(settings=settings, engine=self.platform.engine,
                           stream=self.platform.stream, cache=self.platform.cache,
-                          alerts=self.alerts)
+                          alerts=self.alerts, **(options or {}))
         await gateway.start()
         self.gateways.append(gateway)
         return gateway

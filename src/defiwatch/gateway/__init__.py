@@ -2,8 +2,10 @@
 
 protocol.py parses and builds frames (sans I/O); hub.py routes events to subscriptions with the
 encoded bytes shared; session.py is one connection's protocol state (transport-agnostic, for a
-Socket.IO adapter too); server.py is the `websockets` server that moves the bytes;
-socketio.py serves the original Socket.IO API (python-socketio) on the same hub.
+Socket.IO adapter too); server.py is the `websockets` server that moves the bytes, with
+auth.py's cached, periodically re-checked API keys; socketio.py serves the original Socket.IO API
+(python-socketio) on the same hub. gcpolicy.py is an opt-in, process-wide collector policy for a
+process holding many connections (its entry point installs it).
 """
 
 from defiwatch.gateway.hub import Hub, Subscriber, Subscription

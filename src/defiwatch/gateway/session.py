@@ -24,6 +24,7 @@ from defiwatch.config import TierLimits
 from defiwatch.domain import Latest
 from defiwatch.errors import BackendUnavailable
 from defiwatch.gateway import metrics
+from defiwatch.gateway.auth import REQUIRED_SCOPE, admit
 from defiwatch.gateway.hub import Hub, Subscriber, Subscription
 from defiwatch.gateway.limits import Admission, InboundLimiter
 from defiwatch.gateway.protocol import (
@@ -54,7 +55,6 @@ __all__ = ["LATEST_LIMIT", "REQUIRED_SCOPE", "Output", "Session", "authenticate_
 
 log = structlog.get_logger(__name__)
 
-REQUIRED_SCOPE = "read"  # streaming events is reading them (`admin` implies every scope)
 LATEST_LIMIT = 1_000  # series per `latest` frame; more sets `truncated: true`
 
 
@@ -78,21 +78,14 @@ class Output(Subscriber, Protocol):
 
 
 async def authenticate_key(engine: AsyncEngine, key: str) -> Principal | Rejection:
-    """The principal of an API key, or why it is refused (`unauthorized`, `forbidden`).
+    """The principal of an API key, or why it is refused (`unauthorized`, `forbidden`). Asks
+    the database every time; the WebSocket gateway uses an `auth.Authenticator` (cached).
 
     Raises:
         sqlalchemy.exc.SQLAlchemyError, OSError: the database could not be reached.
     """
     async with engine.connect() as conn:
-        principal = await authenticate(conn, key)
-    if principal is None:
-        return Rejection(ErrorCode.UNAUTHORIZED, "invalid or revoked API key", "api_key")
-    if REQUIRED_SCOPE not in principal.scopes and "admin" not in principal.scopes:
-        return Rejection(
-            ErrorCode.FORBIDDEN,
-            f"this key lacks the '{REQUIRED_SCOPE}' scope "
-            f"(it has: {', '.join(sorted(principal.scopes))})", "api_key")
-    return principal
+        return admit(await authenticate(conn, key))
 
 
 class Session:
