@@ -878,7 +878,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     so.add_argument("--clients", type=int, default=10_000)
     so.add_argument("--backlog", type=int, default=0)
     so.add_argument("--keys", type=int, default=1)
-    so.add_argument("--server-gc", choices=["on", "off", "freeze", "startup"], default="on")
+    so.add_argument("--server-gc", choices=["on", "off", "freeze", "startup"], default="freeze")
     ld = sub.add_parser("_load")
     ld.add_argument("--kind", choices=["ours", "sio"], required=True)
     ld.add_argument("--url", required=True)
@@ -911,9 +911,10 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load-gc", choices=["on", "off"], default="off",
                    help="the load generator's garbage collector (off: its pauses are not "
                         "counted as server latency)")
-    p.add_argument("--server-gc", choices=["on", "off", "freeze", "startup"], default="on",
-                   help="our server's garbage collector: on (default), freeze (the opt-in "
-                        "gateway.gcpolicy), startup (gc.freeze() once before the storm), off "
+    p.add_argument("--server-gc", choices=["on", "off", "freeze", "startup"], default="freeze",
+                   help="our server's garbage collector: freeze (default: gateway.gcpolicy, as "
+                        "`defiwatch run` installs it with the gateway role), on (CPython's "
+                        "default), startup (gc.freeze() once before the storm), off "
                         "(diagnostic: how much of the tail is collector pauses)")
     p.add_argument("--keys", type=int, default=1,
                    help="distinct API keys (one user each) the clients use round-robin (ours); "
