@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import given, settings
 
+from defiwatch.alerts.rules import compile_rule
 from defiwatch.domain.conditions import (
     All,
     AnyOf,
@@ -16,8 +19,10 @@ from defiwatch.domain.conditions import (
     Truth,
     compile_truth,
     explain,
+    iter_leaves,
     leaf_truth,
     parse_condition,
+    stay_comparison,
 )
 
 T, F, U = Truth.TRUE, Truth.FALSE, Truth.UNKNOWN
@@ -156,3 +161,98 @@ def test_explain_lists_each_comparison() -> None:
     results = explain(tree, sample(11.0))
     assert [(r.path, r.truth, r.source, r.value) for r in results] == [
         ("condition.all[0]", T, "event", 11.0), ("condition.all[1]", U, "none", None)]
+
+
+# --- property: the compiled functions agree with leaf_truth -------------------------------
+
+OPS = ["gt", "gte", "lt", "lte", "eq", "ne", "crosses_above", "crosses_below"]
+SUBJECTS = ["aave", "comp", "*"]
+GRID = [float(v) for v in range(8, 13)]
+MEASURES = st.sampled_from([None, *GRID, 10.000000000001])
+
+
+@st.composite
+def leaf_specs(draw: st.DrawFn) -> dict[str, Any]:
+    op = draw(st.sampled_from(OPS))
+    spec = leaf(op=op, subject=draw(st.sampled_from(SUBJECTS)),
+                chain=draw(st.sampled_from(["-", "arb", "*"])),
+                threshold=draw(st.sampled_from(GRID)))
+    if spec["subject"] != "*" and spec["chain"] == "*":
+        spec["chain"] = "-"
+    if draw(st.booleans()):
+        spec.update(metric="change_pct", of="tvl", window="1h")
+    shift = draw(st.sampled_from([None, 0.0, 1.0, 2.5]))
+    if shift is not None and op in ("gt", "gte", "crosses_above"):
+        spec["recovery"] = spec["threshold"] - shift
+    elif shift is not None and op in ("lt", "lte", "crosses_below"):
+        spec["recovery"] = spec["threshold"] + shift
+    if op.startswith("crosses_") and draw(st.booleans()):
+        spec.pop("recovery", None)
+        return {"not": spec}
+    return spec
+
+
+def _reference(node: Leaf, event: Sample, foreign: Any, *, stay: bool) -> int:
+    """One leaf's truth spelled out with leaf_truth (what the compiled functions inline)."""
+    if node.wildcard:
+        if not node.matches(event.metric, event.subject, event.chain):
+            return U
+        src = event
+    elif event.key == node.series_key:
+        src = event
+    else:
+        src = foreign(node.series_key)
+        if src is None:
+            return U
+    value = src.measure(node.window_s)
+    if stay:
+        op, threshold = stay_comparison(node)
+        return leaf_truth(op, threshold, value, src.previous)
+    truth = leaf_truth(node.op, node.threshold, value, src.previous)
+    return 2 - truth if node.negated else truth
+
+
+@settings(max_examples=400, deadline=None)
+@given(specs=st.lists(leaf_specs(), min_size=1, max_size=3), group=st.sampled_from(["all", "any"]),
+       subject=st.sampled_from(["aave", "comp"]), chain=st.sampled_from(["-", "arb"]),
+       value=MEASURES, previous=MEASURES, change=MEASURES, other=MEASURES)
+def test_compiled_truth_agrees_with_leaf_truth(
+    specs: list[dict[str, Any]], group: str, subject: str, chain: str, value: float | None,
+    previous: float | None, change: float | None, other: float | None,
+) -> None:
+    try:
+        tree, _ = parse_condition(specs[0] if len(specs) == 1 else {group: specs})
+    except ConditionError:
+        return  # e.g. two different wildcards in one condition
+    event = Sample("tvl", subject, chain, 100, 11.0 if value is None else value, previous,
+                   {3600: change})
+    # The series the event is not about hold `other` (or are unknown).
+    latest = {} if other is None else {
+        f"tvl|{s}|{c}": Sample("tvl", s, c, 90, other, None, {3600: other})
+        for s in ("aave", "comp") for c in ("-", "arb")}
+    leaves = list(iter_leaves(tree))
+    for stay in (False, True):
+        truths = [_reference(node, event, latest.get, stay=stay) for node in leaves]
+        if isinstance(tree, Leaf):
+            expected = truths[0]
+        elif isinstance(tree, All):
+            expected = 0 if 0 in truths else min(truths)
+        else:
+            expected = 2 if 2 in truths else max(truths)
+        assert compile_truth(tree, stay=stay)(event, latest.get) == expected
+
+
+def test_one_function_serves_entry_and_stay_when_they_are_the_same() -> None:
+    plain = compile_rule(id=1, user_id=1, name="plain", condition={"all": [
+        leaf(op="lt", threshold=10), leaf(op="gt", threshold=5, subject="comp")]})
+    hysteresis = compile_rule(id=2, user_id=1, name="hysteresis",
+                              condition=leaf(op="lt", threshold=10, recovery=12))
+    crossing = compile_rule(id=3, user_id=1, name="crossing",
+                            condition=leaf(op="crosses_above", threshold=10))
+    assert plain.stay is plain.enter
+    assert hysteresis.stay is not hysteresis.enter and crossing.stay is not crossing.enter
+    assert hysteresis.stay(sample(11), _unknown) == T and hysteresis.enter(sample(11), _unknown) == F
+
+
+def _unknown(_key: str) -> Sample | None:
+    return None

@@ -14,9 +14,10 @@ the evaluator gives the same decisions as evaluating every rule (checked by the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
+
+import msgspec
 
 from defiwatch.alerts.index import NaiveIndex, RuleIndex
 from defiwatch.alerts.lifecycle import OK_STATE, Action, InstanceState, Phase, Step, step, tick
@@ -25,10 +26,14 @@ from defiwatch.domain.conditions import Foreign, Sample
 
 __all__ = ["Decision", "Evaluator", "MemoryStates", "StateView", "is_active"]
 
+# Module constants for the members the hot loop compares with: a global is read in a tenth of
+# the time of `Phase.OK` (an attribute lookup through the enum's metaclass).
+_OK, _FIRING, _NONE = Phase.OK, Phase.FIRING, Action.NONE
+
 
 def is_active(state: InstanceState) -> bool:
     """Whether an instance must be evaluated even when its condition is not TRUE."""
-    return state.phase is not Phase.OK or state.held_at is not None
+    return state.phase is not _OK or state.held_at is not None
 
 
 class StateView(Protocol):
@@ -70,8 +75,10 @@ class MemoryStates:
         key = (rule.id, instance)
         self._states[key] = state
         if rule.binding is None:
-            return  # the index finds these by flips (see Evaluator.evaluate)
-        if is_active(state):
+            # The index finds these by flips (see Evaluator.evaluate), which also stores them
+            # straight into `_states`: keep the two in step.
+            return
+        if state.phase is not _OK or state.held_at is not None:  # is_active, inlined (hot)
             self._active.setdefault(instance, set()).add(key)
         else:
             keys = self._active.get(instance)
@@ -85,12 +92,12 @@ class MemoryStates:
         return tuple(keys) if keys else ()
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(msgspec.Struct, frozen=True):
     """One instance's step that did something (action is never NONE).
 
     `sample` is the event's sample (None for a decision of the tick); `origin` is whatever the
-    caller passed along with the sample (the engine passes the Event).
+    caller passed along with the sample (the engine passes the Event). A frozen msgspec Struct
+    (built in C) rather than a dataclass: one is made per transition (see lifecycle.Step).
     """
 
     rule: CompiledRule
@@ -139,49 +146,67 @@ class Evaluator:
         # returns them whenever their state may change; wildcard rules are looked up by truth,
         # which misses an active instance turning FALSE). An active wildcard instance is keyed
         # by this series, so it duplicates a hit exactly when its rule is a hit.
-        touched: list[tuple[CompiledRule, str]] = [
-            (rule, key if rule.binding is not None else "") for rule in hits.values()]
-        for rule_id, instance in states.active(key):
+        extra: list[CompiledRule] = []
+        for rule_id, _instance in states.active(key):
             if rule_id not in hits:
                 rule_ = index.get(rule_id)
                 if rule_ is not None:  # a paused or deleted rule keeps its state, unevaluated
-                    touched.append((rule_, instance))
+                    extra.append(rule_)
         decisions: list[Decision] = []
-        evaluated = 0
-        get_state = states.get
+        # The hot loop (every candidate of every event): MemoryStates, the only view the
+        # engine uses, is read through its dict rather than a method call per instance, and
+        # written so too for rules on named series (all MemoryStates.set does for them).
+        get_state: Callable[[tuple[int, str]], InstanceState | None]
+        put_named: Callable[[tuple[int, str], InstanceState], None] | None
+        if type(states) is MemoryStates:
+            get_state, put_named = states._states.get, states._states.__setitem__
+        else:
+            get_state, put_named = (lambda k: states.get(*k)), None
         truth_hits = self._truth_hits
-        for rule, instance in touched:
-            rule_id = rule.id
-            state = get_state(rule_id, instance)
-            evaluated += 1
-            # Only evaluate what can act (lifecycle.step decides by truth alone, and these are
-            # exactly its NONE cases): an ok instance acts on TRUE only; a pending or held one on
-            # FALSE only (time is the tick's); a firing one when its stay condition is FALSE.
-            if state is None or (state.phase is Phase.OK and state.held_at is None):
-                enter = rule.enter(sample, lookup)
-                if enter != 2:  # only TRUE acts
-                    continue
-                stay = enter
-                state = state or OK_STATE
-            elif state.phase is Phase.FIRING:
-                if (rule.simple and truth_hits and rule.binding is not None
-                        and rule_id in hits):
-                    continue  # a truth hit on a single exact comparison: TRUE, stays firing
-                stay = rule.stay(sample, lookup)
-                if stay != 0:  # only FALSE acts
-                    continue
-                enter = stay
-            else:
-                enter = rule.enter(sample, lookup)
-                if enter != 0:  # only FALSE acts
-                    continue
-                stay = enter
-            result = step(rule.policy, state, enter, stay, ts=sample.ts, series=key, now=now,
-                          event=event)
-            if result.action is not Action.NONE:
-                states.set(rule, instance, result.state)
-                decisions.append(Decision(rule, instance, state, result, sample, origin))
-        return decisions, evaluated
+        ts = sample.ts
+        # Globals the loop reads per instance, as locals (a local is the cheapest read).
+        step_, decision, ok_state, ok, firing, none = step, Decision, OK_STATE, _OK, _FIRING, _NONE
+        for group in (hits.values(), extra):
+            for rule in group:
+                rule_id = rule.id
+                wildcard = rule.binding is not None
+                instance = key if wildcard else ""
+                state_key = (rule_id, instance)
+                state = get_state(state_key)
+                # Only evaluate what can act (lifecycle.step decides by truth alone, and these
+                # are exactly its NONE cases): an ok instance acts on TRUE only; a pending or
+                # held one on FALSE only (time is the tick's); a firing one when its stay
+                # condition is FALSE.
+                # A truth hit on a single exact comparison *is* its truth: TRUE (and the stay
+                # comparison, looser, TRUE too), no need to evaluate it.
+                known_true = truth_hits and wildcard and rule.simple and rule_id in hits
+                if state is None or (state.phase is ok and state.held_at is None):
+                    enter = 2 if known_true else rule.enter(sample, lookup)
+                    if enter != 2:  # only TRUE acts
+                        continue
+                    stay = enter
+                    state = state or ok_state
+                elif known_true:
+                    continue  # TRUE: a pending, held or firing instance stays as it is
+                elif state.phase is firing:
+                    stay = rule.stay(sample, lookup)
+                    if stay != 0:  # only FALSE acts
+                        continue
+                    enter = stay
+                else:
+                    enter = rule.enter(sample, lookup)
+                    if enter != 0:  # only FALSE acts
+                        continue
+                    stay = enter
+                result = step_(rule.policy, state, enter, stay, ts=ts, series=key, now=now,
+                               event=event)
+                if result.action is not none:
+                    if put_named is not None and not wildcard:
+                        put_named(state_key, result.state)
+                    else:
+                        states.set(rule, instance, result.state)
+                    decisions.append(decision(rule, instance, state, result, sample, origin))
+        return decisions, len(hits) + len(extra)
 
     def tick(
         self, states: Iterable[tuple[int, str, InstanceState]], now: float
@@ -190,15 +215,17 @@ class Evaluator:
 
         Instances of rules not in the index (paused, deleted) are left alone."""
         out: list[Decision] = []
+        get_rule = self.index.get
         for rule_id, instance, state in states:
-            rule = self.index.get(rule_id)
+            rule = get_rule(rule_id)
             if rule is None:
                 continue
             result = tick(rule.policy, state, now)
-            if result.action is not Action.NONE:
+            if result.action is not _NONE:
                 out.append(Decision(rule, instance, state, result))
         return out
 
 
 def _unknown(_key: str) -> Sample | None:
     return None
+

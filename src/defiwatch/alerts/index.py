@@ -6,8 +6,8 @@ Pure, in memory. The cost of an event grows with the rules it can touch, not wit
    chain)` with `*` allowed for subject and chain. An event on `(tvl, aave, arbitrum)` looks at
    four buckets only: itself, `(tvl, aave, *)`, `(tvl, *, arbitrum)` and `(tvl, *, *)`.
 2. **By threshold.** Inside a bucket, comparisons are kept per measure (the value, or a change
-   window) and operator in threshold order, so the ones that matter are a slice found by
-   bisection.
+   window) in threshold order (truth lookups also per operator), so the ones that matter are a
+   slice found by bisection.
 3. **By what can change.** An instance that is ok stays ok until its condition turns TRUE;
    instances that are pending, firing or holding a fire are *active* and re-evaluated on every
    event of their series anyway (the evaluator takes them from the states, not from here). So
@@ -15,9 +15,12 @@ Pure, in memory. The cost of an event grows with the rules it can touch, not wit
 
    - **Edges** (rules on named series: single and multi). A condition can only become TRUE if
      one of its comparisons changed truth, and a comparison `value > t` changes truth between
-     the previous measure p and the current one v exactly when t lies between them: the
-     thresholds in [min(p, v), max(p, v)) (bounds per operator). Every comparison of the rule is
-     an entry of its own series' bucket; an event returns the rules with a comparison crossed.
+     the previous measure p and the current one v exactly when t lies between them. One list
+     per measure serves every operator: the thresholds in [min(p, v), max(p, v)], bounds
+     included and widened by the `eq` tolerance (a rule exactly on a bound is evaluated and
+     decides nothing), so an event costs one slice per measure, not one per operator. Every
+     comparison of the rule is an entry of its own series' bucket; an event returns the rules
+     with a comparison crossed, and nothing when the measure did not move.
      A rule that holds for months (ETH above 100) costs nothing until ETH comes back to 100.
      This needs the measures the rules last saw (`Sample.before`; the engine keeps them per
      series with its cursor) and a first evaluation of each new rule: a rule added (or changed,
@@ -75,6 +78,7 @@ _VALUE_LEVEL_COST = 8
 _SCAN_COST = 1_000
 _EQ_BAND = 2e-9  # wider than conditions._EQ_REL_TOL: the band is a superset, the leaf decides
 _EQ_ABS = 1e-11
+_FLIP = "flip"  # the one operator of edge lists: every comparison that flips in a range
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,15 +149,17 @@ class _Sorted:
     """Thresholds of one (bucket, measure, operator) in ascending order, with their rules.
 
     Kept as two parallel lists for `bisect`; changes mark it dirty and it is re-sorted on the
-    next lookup, so loading 100,000 rules costs one sort per list, not 100,000 insertions.
+    next lookup, so loading 100,000 rules costs one sort per list, not 100,000 insertions. The
+    rules are kept as (id, rule) pairs: a slice of them goes into the candidates with one
+    `dict.update`, a loop in C (an event on ETH can return thousands).
     """
 
-    __slots__ = ("dirty", "entries", "rules", "thresholds")
+    __slots__ = ("dirty", "entries", "pairs", "thresholds")
 
     def __init__(self) -> None:
         self.entries: list[tuple[float, int, CompiledRule]] = []
         self.thresholds: list[float] = []
-        self.rules: list[CompiledRule] = []
+        self.pairs: list[tuple[int, CompiledRule]] = []
         self.dirty = False
 
     def add(self, threshold: float, rule: CompiledRule) -> None:
@@ -168,7 +174,7 @@ class _Sorted:
         if self.dirty:
             self.entries.sort(key=lambda e: (e[0], e[1]))
             self.thresholds = [e[0] for e in self.entries]
-            self.rules = [e[2] for e in self.entries]
+            self.pairs = [(e[1], e[2]) for e in self.entries]
             self.dirty = False
 
 
@@ -202,52 +208,36 @@ def _bucket_keys(metric: str, subject: str, chain: str) -> tuple[tuple[str, str,
             (metric, "*", "*"))
 
 
-def _truth_slice(op: str, sorted_: _Sorted, value: float) -> list[CompiledRule]:
+def _truth_slice(op: str, sorted_: _Sorted, value: float) -> list[tuple[int, CompiledRule]]:
     """The rules whose comparison holds for `value` (crossings: none, they need an edge)."""
     th = sorted_.thresholds
     if op == "gt":  # t < v
-        return sorted_.rules[: bisect.bisect_left(th, value)]
+        return sorted_.pairs[: bisect.bisect_left(th, value)]
     if op == "gte":  # t <= v
-        return sorted_.rules[: bisect.bisect_right(th, value)]
+        return sorted_.pairs[: bisect.bisect_right(th, value)]
     if op == "lt":  # t > v
-        return sorted_.rules[bisect.bisect_right(th, value):]
+        return sorted_.pairs[bisect.bisect_right(th, value):]
     if op == "lte":  # t >= v
-        return sorted_.rules[bisect.bisect_left(th, value):]
+        return sorted_.pairs[bisect.bisect_left(th, value):]
     if op == "eq":
         band = abs(value) * _EQ_BAND + _EQ_ABS
-        return sorted_.rules[bisect.bisect_left(th, value - band):
+        return sorted_.pairs[bisect.bisect_left(th, value - band):
                              bisect.bisect_right(th, value + band)]
     if op == "ne":  # holds unless equal: all of them (the leaf decides)
-        return sorted_.rules
+        return sorted_.pairs
     return []
 
 
 def _crossing_slice(op: str, sorted_: _Sorted, previous: float, value: float
-                    ) -> list[CompiledRule]:
+                    ) -> list[tuple[int, CompiledRule]]:
     th = sorted_.thresholds
     if op == "xa":  # previous <= t < v
         if previous >= value:
             return []
-        return sorted_.rules[bisect.bisect_left(th, previous): bisect.bisect_left(th, value)]
+        return sorted_.pairs[bisect.bisect_left(th, previous): bisect.bisect_left(th, value)]
     if previous <= value:  # xb: v < t <= previous
         return []
-    return sorted_.rules[bisect.bisect_right(th, value): bisect.bisect_right(th, previous)]
-
-
-def _flip_slice(op: str, sorted_: _Sorted, before: float, value: float) -> list[CompiledRule]:
-    """The rules whose comparison has a different truth for `value` than for `before`."""
-    if op in ("xa", "xb"):
-        return _crossing_slice(op, sorted_, before, value)
-    if before == value:
-        return []
-    th = sorted_.thresholds
-    lo, hi = (before, value) if before < value else (value, before)
-    if op in ("gt", "lte"):  # v > t (v <= t) flips for lo <= t < hi
-        return sorted_.rules[bisect.bisect_left(th, lo): bisect.bisect_left(th, hi)]
-    if op in ("gte", "lt"):  # v >= t (v < t) flips for lo < t <= hi
-        return sorted_.rules[bisect.bisect_right(th, lo): bisect.bisect_right(th, hi)]
-    # eq and ne flip together: t close to one value and not the other.
-    return _truth_slice("eq", sorted_, before) + _truth_slice("eq", sorted_, value)
+    return sorted_.pairs[bisect.bisect_right(th, value): bisect.bisect_right(th, previous)]
 
 
 class RuleIndex:
@@ -300,11 +290,14 @@ class RuleIndex:
                 bucket = self._member(rule, selector, entries)
                 bucket.fresh[rule.id] = rule
                 # Entry and stay comparisons: a flip of either may change the state, so no
-                # instance of these rules needs evaluating unless one of them flipped.
-                triggers = [t for leaf in local for t in _edge_triggers(leaf)]
-                for trigger in dict.fromkeys(triggers):
-                    self._enter(bucket.edges, trigger, rule)
-                    entries.append((selector, "edges", trigger.window_s, trigger.op))
+                # instance of these rules needs evaluating unless one of them flipped. A level
+                # comparison of any operator flips exactly when its threshold lies between the
+                # previous and the current measure, so all of them share one list per window.
+                lines = {(t.window_s, t.threshold) for leaf in local for t in _edge_triggers(leaf)}
+                for window_s, threshold in sorted(lines):
+                    self._enter(bucket.edges, Trigger(window_s, _FLIP, threshold), rule)
+                entries.extend((selector, "edges", window_s, _FLIP)
+                               for window_s in sorted({w for w, _ in lines}))
         self._entries[rule.id] = entries
 
     def _member(self, rule: CompiledRule, selector: tuple[str, str, str],
@@ -410,29 +403,31 @@ class RuleIndex:
                                 else _crossing_slice(op, sorted_, previous, value))
                     else:
                         hits = _truth_slice(op, sorted_, value)
-                    for rule in hits:
-                        found[rule.id] = rule
+                    found.update(hits)
             for window_s, by_op in bucket.edges.items():
                 value = sample.value if window_s == VALUE else sample.changes.get(window_s)
                 if value is None:
                     continue  # the comparison is UNKNOWN now: that never changes a state
                 prior = before.get(window_s) if before is not None else None
-                for op, sorted_ in by_op.items():
-                    if sorted_.dirty:
-                        sorted_.ready()
-                    if prior is not None:
-                        hits = _flip_slice(op, sorted_, prior, value)
-                    elif op in ("xa", "xb"):
-                        previous = sample.previous if window_s == VALUE else None
-                        hits = ([] if previous is None
-                                else _crossing_slice(op, sorted_, previous, value))
-                    else:
-                        # No previous measure: the comparison was UNKNOWN and now has a truth,
-                        # either of which may matter (an entry that holds, a stay that does
-                        # not). Rare (a window's first reference): take them all.
-                        hits = sorted_.rules
-                    for rule in hits:
-                        found[rule.id] = rule
+                if prior == value:
+                    continue  # nothing can flip (the value did not move on this measure)
+                sorted_ = by_op[_FLIP]
+                if sorted_.dirty:
+                    sorted_.ready()
+                if prior is None:
+                    # No previous measure: the comparisons were UNKNOWN and now have a truth,
+                    # either of which may matter (an entry that holds, a stay that does not).
+                    # Rare (a window's first reference): take them all.
+                    found.update(sorted_.pairs)
+                    continue
+                # The thresholds between the two measures, bounds included and widened by the
+                # `eq` tolerance: every level comparison (gt ... lte, eq, ne, and the level a
+                # crossing crosses) whose truth differs between them, a few on a bound too.
+                lo, hi = (prior, value) if prior < value else (value, prior)
+                th = sorted_.thresholds
+                start = bisect.bisect_left(th, lo - abs(lo) * _EQ_BAND - _EQ_ABS)
+                end = bisect.bisect_right(th, hi + abs(hi) * _EQ_BAND + _EQ_ABS)
+                found.update(sorted_.pairs[start:end])
         return found
 
     def in_scope(self, metric: str, subject: str, chain: str) -> Iterator[CompiledRule]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ from defiwatch.domain.conditions import (
     compile_truth,
     iter_leaves,
     parse_condition,
+    stays_as_entered,
 )
 from defiwatch.errors import DefiwatchError, ValidationError
 
@@ -132,6 +134,17 @@ class CompiledRule:
         return (instance,) if self.kind is RuleKind.WILDCARD else self.scope
 
 
+# Sets many rules have in common (the windows they use, the series they read): one object
+# each, not one per rule (100,000 rules are held in memory by every engine).
+_SHARED: dict[frozenset[Any], frozenset[Any]] = {}
+
+
+def _shared(items: frozenset[Any]) -> frozenset[Any]:
+    if len(_SHARED) > 100_000:  # bounded: sets are not all alike (foreign series of multi rules)
+        _SHARED.clear()
+    return _SHARED.setdefault(items, items)
+
+
 def compile_rule(
     *,
     id: int,
@@ -158,12 +171,13 @@ def compile_rule(
     scope: tuple[str, ...]
     if wild:
         kind, binding, scope = RuleKind.WILDCARD, wild[0].selector, ()
-        foreign = frozenset(leaf.series_key for leaf in leaves if not leaf.wildcard)
+        foreign = frozenset(sys.intern(leaf.series_key) for leaf in leaves if not leaf.wildcard)
     else:
-        keys = tuple(dict.fromkeys(leaf.series_key for leaf in leaves))
+        keys = tuple(dict.fromkeys(sys.intern(leaf.series_key) for leaf in leaves))
         kind = RuleKind.SINGLE if len(keys) == 1 else RuleKind.MULTI
         binding, scope = None, keys
         foreign = frozenset(keys) if len(keys) > 1 else frozenset()
+    enter = compile_truth(tree)
     parsed_channels = tuple(
         c if isinstance(c, Channel) else parse_channels([c])[0] for c in channels
     )
@@ -176,12 +190,14 @@ def compile_rule(
     return CompiledRule(
         id=id, user_id=user_id, name=name, tree=tree, policy=policy, channels=parsed_channels,
         severity=severity, revision=revision, kind=kind, binding=binding, scope=scope,
-        foreign=foreign,
-        windows=frozenset(leaf.window_s for leaf in leaves if leaf.window_s != VALUE),
+        foreign=_shared(foreign),
+        windows=_shared(frozenset(leaf.window_s for leaf in leaves if leaf.window_s != VALUE)),
         # eq is looked up with a tolerance band and ne is scanned: an index hit on them is not
         # proof of truth, so only the exact operators count as simple.
         simple=isinstance(tree, Leaf) and tree.op not in ("eq", "ne"),
-        enter=compile_truth(tree), stay=compile_truth(tree, stay=True),
+        # Without recoveries or crossings the stay condition is the entry one: one function
+        # (half the memory of a compiled rule is its compiled condition).
+        enter=enter, stay=enter if stays_as_entered(tree) else compile_truth(tree, stay=True),
     )
 
 
