@@ -255,13 +255,9 @@ async def serve(args: argparse.Namespace) -> None:
         s.redis_dsn or "", max_connections=64, timeout=10))
     async with open_platform(s, migrate=False) as p:
         assert p.redis is not None
-        engine = p.engine
-        if args.api_pool == "lean":
-            # The same database through a pool without pre-ping (asyncpg's ping is three round
-            # trips) for auth and the freshness probe: the wiring docs/query.md recommends.
-            from sqlalchemy.ext.asyncio import create_async_engine
-
-            engine = create_async_engine(s.database_url, pool_size=20, max_overflow=20)
+        # As app.py wires it: per-request reads (key lookup, freshness probe, limiter) on the
+        # pool without pre-ping; `--api-pool pre-ping` puts them on the main pool instead.
+        engine = p.engine if args.api_pool == "pre-ping" or p.reads is None else p.reads
         query = QueryService(
             p.engine, RedisResultCache(redis_client, prefix=s.redis_prefix),
             read_model=ReadModel(p.engine),
@@ -270,8 +266,8 @@ async def serve(args: argparse.Namespace) -> None:
             max_body_bytes=s.query_max_body_bytes, probe_engine=engine)
         limiter = RateLimiter(engine, RedisRateStore(redis_client, prefix=s.redis_prefix),
                               {name: t.api_requests_per_minute for name, t in s.tiers.items()})
-        app = create_app(ApiContext(engine, p.stream, p.cache, p.ingest, query=query,
-                                    rate_limiter=limiter))
+        app = create_app(ApiContext(p.engine, p.stream, p.cache, p.ingest, query=query,
+                                    rate_limiter=limiter, reads=engine))
         config = uvicorn.Config(app, host="127.0.0.1", port=args.port, loop="uvloop",
                                 http="httptools", log_config=None, access_log=False,
                                 lifespan="off")
@@ -440,7 +436,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     sub = ap.add_subparsers(dest="command")
     srv = sub.add_parser("serve", help="(internal) run the API server")
     srv.add_argument("--port", type=int, required=True)
-    srv.add_argument("--api-pool", choices=["product", "lean"], default="product")
+    srv.add_argument("--api-pool", choices=["product", "pre-ping"], default="product")
     ap.add_argument("--points", type=int, default=5_000_000, help="points to reach (at least)")
     ap.add_argument("--rounds", type=int, default=300, help="cached requests per query")
     ap.add_argument("--rounds-uncached", type=int, default=60, help="uncached requests per query")
@@ -452,9 +448,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pg-user", default="postgres")
     ap.add_argument("--admin-dsn", default="postgresql://postgres@127.0.0.1:5432/test")
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/0")
-    ap.add_argument("--api-pool", choices=["product", "lean"], default="product",
-                    help="product: the engine open_platform makes (pool pre-ping on); lean: "
-                    "auth and freshness probes through a pool without pre-ping")
+    ap.add_argument("--api-pool", choices=["product", "pre-ping"], default="product",
+                    help="product: per-request reads (key lookup, freshness probe) on the pool "
+                    "without pre-ping, as app.py wires them; pre-ping: on the main pool")
     ap.add_argument("--out", type=Path, default=None)
     return ap.parse_args(argv)
 

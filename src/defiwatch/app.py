@@ -57,6 +57,9 @@ class Platform:
     redis: aioredis.Redis | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     notify_wakeup: Wakeup = field(default_factory=Wakeup)  # alert engine -> notifier, in-process
+    # Per-request API reads (key lookup, freshness probe, limiter) on PostgreSQL: a pool
+    # without pre-ping, whose reads retry once on a dropped connection (store/db.py).
+    reads: AsyncEngine | None = None
 
     def processor(self) -> Processor:
         s = self.settings
@@ -98,7 +101,9 @@ async def open_platform(settings: Settings, *, migrate: bool = True) -> AsyncIte
         cache = MemoryHotCache()
     wakeup = Wakeup()
     platform = Platform(settings, engine, stream, cache, alerts, wakeup,
-                        IngestService(engine, on_commit=wakeup.notify), client)
+                        IngestService(engine, on_commit=wakeup.notify), client,
+                        reads=create_engine(settings.database_url, pre_ping=False)
+                        if settings.is_postgres else None)
     try:
         yield platform
     finally:
@@ -110,6 +115,8 @@ async def open_platform(settings: Settings, *, migrate: bool = True) -> AsyncIte
         await cache.close()
         if client is not None:
             await client.aclose()
+        if platform.reads is not None:
+            await platform.reads.dispose()
         await engine.dispose()
 
 
@@ -131,7 +138,8 @@ def query_service(platform: Platform) -> QueryService:
                         limits=Limits.from_settings(s),
                         statement_timeout_ms=s.query_statement_timeout_ms,
                         cache_ttl_s=s.query_cache_ttl_s, max_body_bytes=s.query_max_body_bytes,
-                        snapshot_ttl_s=s.query_snapshot_ttl_s)
+                        snapshot_ttl_s=s.query_snapshot_ttl_s,
+                        probe_engine=platform.reads or platform.engine)
 
 
 def rate_limiter(platform: Platform) -> RateLimiter | None:
@@ -142,7 +150,7 @@ def rate_limiter(platform: Platform) -> RateLimiter | None:
         RedisRateStore(platform.redis, prefix=s.redis_prefix) if platform.redis is not None
         else MemoryRateStore()
     )
-    return RateLimiter(platform.engine, store,
+    return RateLimiter(platform.reads or platform.engine, store,
                        {name: tier.api_requests_per_minute for name, tier in s.tiers.items()})
 
 
@@ -185,7 +193,7 @@ def api_server(platform: Platform) -> _Server:
     query = query_service(platform)
     app = create_app(ApiContext(
         platform.engine, platform.stream, platform.cache, platform.ingest,
-        alerts=AlertsApiConfig.from_settings(s), query=query, settings=s,
+        alerts=AlertsApiConfig.from_settings(s), query=query, settings=s, reads=platform.reads,
         rate_limiter=rate_limiter(platform), compat_public=s.query_compat_public,
     ))
     # Warm the protocols read model so the first query does not pay for building it.

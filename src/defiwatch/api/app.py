@@ -46,6 +46,9 @@ class ApiContext:
     # Delivery routes read notify_* from it (SSRF allow-list, VAPID key, secret grace);
     # None: Settings() from the environment, read on first use.
     settings: Settings | None = None
+    # A pool without pre-ping for the per-request reads (key lookup, freshness probe, limiter):
+    # see store/db.py read_retrying. None: `engine`.
+    reads: AsyncEngine | None = None
 
 
 def create_app(ctx: ApiContext) -> FastAPI:

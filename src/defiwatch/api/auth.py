@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import Request
 
 from defiwatch.errors import AuthError, ScopeError
+from defiwatch.store.db import read_retrying
 from defiwatch.store.keys import Principal, authenticate, touch_key
 
 __all__ = ["key_from_request", "require"]
@@ -31,8 +32,8 @@ def require(scope: str) -> Callable[[Request], Awaitable[Principal]]:
         if not key:
             raise AuthError("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
         ctx = request.app.state.ctx
-        async with ctx.engine.connect() as conn:
-            principal = await authenticate(conn, key)
+        principal = await read_retrying(ctx.reads or ctx.engine,
+                                        lambda conn: authenticate(conn, key))
         if principal is None:
             raise AuthError("invalid or revoked API key")
         if scope not in principal.scopes and "admin" not in principal.scopes:

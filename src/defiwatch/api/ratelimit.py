@@ -41,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from defiwatch.errors import BackendUnavailable
 from defiwatch.redis_keys import RedisKeys
+from defiwatch.store.db import read_retrying
 from defiwatch.store.keys import authenticate
 
 __all__ = [
@@ -193,8 +194,7 @@ class RateLimiter:
         cached = self._keys.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
-        async with self._engine.connect() as conn:
-            principal = await authenticate(conn, key)
+        principal = await read_retrying(self._engine, lambda conn: authenticate(conn, key))
         caller = _Caller(f"key:{principal.key_id}", principal.tier) if principal else None
         self._keys[digest] = (now + self._key_ttl, caller)
         self._keys.move_to_end(digest)

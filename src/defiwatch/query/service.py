@@ -58,6 +58,7 @@ from defiwatch.query.dsl import Limits, OutputColumn, Query, Scalar, parse_query
 from defiwatch.query.fields import FieldType
 from defiwatch.query.freshness import Deps, Probe, probe
 from defiwatch.query.index import ReadModel
+from defiwatch.store.db import read_retrying
 
 __all__ = [
     "CACHE_ERRORS",
@@ -466,16 +467,9 @@ class QueryService:
             log.warning("query.cache_unavailable", error=exc.message)
 
     async def _probe(self, since: str | None, deps: Deps, index: bool) -> Probe:
-        for attempt in (1, 2):
-            try:
-                # Autocommit: the probe is one statement, so no BEGIN/ROLLBACK round trips.
-                async with self._probe_engine.connect() as conn:
-                    await conn.execution_options(isolation_level="AUTOCOMMIT")
-                    return await probe(conn, since=since, deps=deps, index=index)
-            except DBAPIError as exc:
-                if not exc.connection_invalidated or attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        # Autocommit: the probe is one statement, so no BEGIN/ROLLBACK round trips.
+        return await read_retrying(
+            self._probe_engine, lambda conn: probe(conn, since=since, deps=deps, index=index))
 
     async def _compute(self, key: str, refresh: bool,
                        compute: Callable[[AsyncConnection], Awaitable[bytes]],
