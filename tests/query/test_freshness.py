@@ -20,6 +20,7 @@ from defiwatch.app import Platform, open_platform
 from defiwatch.config import Settings
 from defiwatch.domain import ProtocolMeta
 from defiwatch.query import QueryService
+from defiwatch.query.freshness import same_position
 from defiwatch.store.schema import change_log, points
 
 from .conftest import DAY, HOUR, NOW_TS, PROTOCOLS, T0, app_for, make_key, make_service, seed
@@ -197,3 +198,13 @@ async def test_concurrent_misses_share_one_computation(platform: Platform,
             "SELECT watermark FROM query_refresh WHERE name = 'index'"))).scalar_one()
     assert row is not None
     assert (await service.advanced(SNAPSHOT)).cache == "hit"
+
+
+def test_watermarks_at_the_same_change_log_position_are_the_same_position() -> None:
+    # A hit re-stores its entry only when the position moved: xmin/xmax alone do not move it.
+    assert same_position("41|100:105:", "41|103:110:")
+    assert same_position("41|100:105:101,102", "41|99:120:101,102")
+    assert same_position("7", "7")
+    assert not same_position("41|100:105:", "42|100:105:")
+    assert not same_position("41|100:105:", "41|100:105:101")
+    assert not same_position("41|100:105:101", "41|100:105:102")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     ColumnElement,
     Double,
@@ -47,7 +48,9 @@ from sqlalchemy import (
     not_,
     or_,
     select,
+    type_coerce,
 )
+from sqlalchemy.dialects.postgresql import array as pg_array
 from sqlalchemy.sql.elements import UnaryExpression
 
 from defiwatch.query.dsl import (
@@ -258,7 +261,14 @@ def _aggregated(
     r = rows.subquery("r")
     keys = [r.c[f"g{i}"] for i in range(len(group_exprs))]
     layer2: list[ColumnElement[Any]] = [k.label(f"g{i}") for i, k in enumerate(keys)]
-    layer2 += [_aggregate(a, r.c, pg).label(f"a{i}") for i, a in enumerate(query.aggregations)]
+    # On PostgreSQL, several percentiles of one field are one ordered-set aggregate over an
+    # array of fractions (the group is sorted once, not once per percentile); layer 3 picks
+    # the elements. percentile_cont's array form interpolates exactly as the scalar form.
+    shared = _shared_percentiles(query.aggregations) if pg else {}
+    for f, ps in shared.items():
+        layer2.append(_percentiles(ps, r.c[f"x_{f}"]).label(f"pcts_{f}"))
+    layer2 += [_aggregate(a, r.c, pg).label(f"a{i}") for i, a in enumerate(query.aggregations)
+               if not (a.op is AggOp.PERCENTILE and a.field in shared)]
     layer2.append(func.max(r.c.t).label("as_of"))
     grouped = select(*layer2)
     if keys:
@@ -268,7 +278,11 @@ def _aggregated(
     for i, gk in enumerate(query.group_by):
         by_name[gk.alias] = g.c[f"g{i}"]
     for i, a in enumerate(query.aggregations):
-        by_name[a.alias] = g.c[f"a{i}"]
+        if a.op is AggOp.PERCENTILE and a.field in shared:
+            assert a.p is not None
+            by_name[a.alias] = g.c[f"pcts_{a.field}"][shared[a.field].index(a.p) + 1]
+        else:
+            by_name[a.alias] = g.c[f"a{i}"]
     cols: list[ColumnElement[Any]] = [by_name[c.name].label(f"c{i}")
                                          for i, c in enumerate(query.outputs())]
     cols += [by_name[s.name].label(s.label) for s in sort]
@@ -283,6 +297,24 @@ def _aggregated(
     if outer:
         stmt = stmt.where(and_(*outer))
     return stmt.order_by(*[_order(by_name[s.name], s, pg) for s in sort])
+
+
+def _shared_percentiles(aggs: Sequence[Aggregation]) -> dict[str, list[float]]:
+    """Field -> its distinct percentile fractions, for fields with more than one percentile."""
+    by_field: dict[str, list[float]] = {}
+    for a in aggs:
+        if a.op is AggOp.PERCENTILE and a.field and a.p is not None:
+            ps = by_field.setdefault(a.field, [])
+            if a.p not in ps:
+                ps.append(a.p)
+    return {f: ps for f, ps in by_field.items() if len(ps) > 1}
+
+
+def _percentiles(ps: Sequence[float], x: ColumnElement[Any]) -> ColumnElement[Any]:
+    """PostgreSQL: `percentile_cont(ARRAY[p, ...]) WITHIN GROUP (ORDER BY x)` (1-based)."""
+    fractions = cast(pg_array([literal(p, Double) for p in ps]), ARRAY(Double))
+    agg = func.percentile_cont(fractions).within_group(cast(x, Double))
+    return type_coerce(agg, ARRAY(Double))
 
 
 def _aggregate(a: Aggregation, c: Any, pg: bool

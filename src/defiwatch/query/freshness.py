@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["ChangeRow", "Deps", "Probe", "capture", "changes_since", "probe"]
+__all__ = ["ChangeRow", "Deps", "Probe", "capture", "changes_since", "probe", "same_position"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +79,14 @@ def _split(watermark: str) -> tuple[int, str | None]:
     head, _, snap = watermark.partition("|")
     xip = snap.split(":")[2] if snap.count(":") == 2 else ""
     return int(head), xip or None
+
+
+def same_position(a: str, b: str) -> bool:
+    """Whether watermarks `a` and `b` name the same change_log position: the same largest id
+    and in-flight list. Probes read nothing else, so either answers every probe the same
+    (`pg_current_snapshot()`'s xmin/xmax move with every transaction in the cluster, even
+    ones that never touch change_log)."""
+    return _split(a) == _split(b)
 
 
 def _newer(id_param: str, xip_param: str | None, where: str) -> str:

@@ -46,17 +46,17 @@ from typing import Any
 import msgspec
 import structlog
 from prometheus_client import Counter, Histogram
-from sqlalchemy import text
+from sqlalchemy import RowMapping, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from defiwatch.errors import BackendUnavailable, ValidationError
 from defiwatch.query.cache import CacheEntry, ResultCache
-from defiwatch.query.compile import compile_query, sort_columns
+from defiwatch.query.compile import Compiled, compile_query, sort_columns
 from defiwatch.query.cursor import Cursor, SnapshotRef, decode_cursor, encode_cursor
 from defiwatch.query.dsl import Limits, OutputColumn, Query, Scalar, parse_query
 from defiwatch.query.fields import FieldType
-from defiwatch.query.freshness import Deps, Probe, probe
+from defiwatch.query.freshness import Deps, Probe, probe, same_position
 from defiwatch.query.index import ReadModel
 from defiwatch.store.db import read_retrying
 
@@ -312,6 +312,13 @@ class QueryService:
                     after: Sequence[Scalar] | None, pin: int | None) -> bytes:
         compiled = compile_query(query, self._dialect, after=after, pin=pin)
         rows = (await conn.execute(compiled.statement)).mappings().all()
+        return self._encode_page(query, compiled, rows, identity, pin)
+
+    @staticmethod
+    def _encode_page(query: Query, compiled: Compiled, rows: Sequence[RowMapping],
+                     identity: str, pin: int | None) -> bytes:
+        """One page from the rows of `compiled` (up to `query.limit + 1`: one more means a
+        next page follows)."""
         more = len(rows) > query.limit
         rows = rows[: query.limit]
         outputs = compiled.outputs
@@ -338,8 +345,8 @@ class QueryService:
         full = dataclasses.replace(query, limit=self._snapshot_max)
         compiled = compile_query(full, self._dialect)
         rows = (await conn.execute(compiled.statement)).mappings().all()
-        if len(rows) <= query.limit:  # one page: nothing to pin
-            return await self._page(conn, query, identity, None, None)
+        if len(rows) <= query.limit:  # one page: nothing to pin, and these rows are the page
+            return self._encode_page(query, compiled, rows, identity, None)
         tail = None
         if len(rows) > self._snapshot_max:
             rows = rows[: self._snapshot_max]
@@ -431,7 +438,9 @@ class QueryService:
             # so a burst of misses cannot starve the pool.
             state = await self._probe(entry.watermark if entry else None, deps, index)
             if entry is not None and not state.changed:
-                if state.watermark != entry.watermark:
+                # Re-store only when the position moved (saves a Redis SET per hit while
+                # unrelated transactions advance the PostgreSQL snapshot's xmin/xmax).
+                if not same_position(state.watermark, entry.watermark):
                     await self._cache_put(key, CacheEntry(state.watermark, entry.payload))
                 self._observe(label, "hit", started)
                 return entry.payload, True
@@ -495,11 +504,12 @@ class QueryService:
             if self._dialect == "postgresql":
                 # One round trip: timeout, read-only (defence in depth: the SQL is ours, but a
                 # read path has no business writing) and no JIT (its compile time dwarfs these
-                # short queries).
+                # short queries), and room to sort a group-by over every protocol in memory.
                 await conn.execute(text(
                     "SELECT set_config('statement_timeout', :t, true), "
                     "set_config('transaction_read_only', 'on', true), "
-                    "set_config('jit', 'off', true)"), {"t": f"{self._timeout_ms}ms"})
+                    "set_config('jit', 'off', true), set_config('work_mem', '16MB', true)"),
+                    {"t": f"{self._timeout_ms}ms"})
                 yield
             else:
                 async with _sqlite_deadline(conn, self._timeout_ms / 1000):
