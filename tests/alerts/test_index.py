@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 
 from defiwatch.alerts.evaluate import Evaluator, MemoryStates
 from defiwatch.alerts.index import NaiveIndex, RuleIndex
-from defiwatch.alerts.lifecycle import due_at
+from defiwatch.alerts.lifecycle import OK_STATE, Action, due_at, step
 from defiwatch.alerts.rules import CompiledRule, RuleKind, compile_rule
-from defiwatch.domain.conditions import ConditionError, Sample
+from defiwatch.domain.conditions import ConditionError, Foreign, Sample
 
 TVL_SUBJECTS = ["a", "b", "c"]
 COINS = ["coingecko:x", "coingecko:y"]
@@ -179,7 +179,7 @@ def test_indexed_engine_decides_like_the_naive_one(
 ) -> None:
     fast, slow = Evaluator(RuleIndex(rules)), Evaluator(NaiveIndex(rules))
     by_id = {r.id: r for r in rules}
-    fast_states, slow_states = MemoryStates(), MemoryStates()
+    fast_states, slow_states, ref_states = MemoryStates(), MemoryStates(), MemoryStates()
     latest: dict[str, Sample] = {}
     now, ts = 1_000.0, 1_700_000_000
     for kind, arg in steps:
@@ -197,9 +197,12 @@ def test_indexed_engine_decides_like_the_naive_one(
             due_fast = _due(fast, fast_states, now)
             due_slow = _due(slow, slow_states, now)
             assert due_fast == due_slow
+            assert _due(slow, ref_states, now) == due_slow
             ticked_fast, ticked_slow = fast.tick(due_fast, now), slow.tick(due_slow, now)
+            ticked_ref = slow.tick(due_slow, now)
             assert [_key(d) for d in ticked_fast] == [_key(d) for d in ticked_slow]
-            for states, ticked in ((fast_states, ticked_fast), (slow_states, ticked_slow)):
+            for states, ticked in ((fast_states, ticked_fast), (slow_states, ticked_slow),
+                                   (ref_states, ticked_ref)):
                 for d in ticked:
                     states.set(d.rule, d.instance, d.step.state)
             continue
@@ -213,8 +216,30 @@ def test_indexed_engine_decides_like_the_naive_one(
         decided_fast, _ = fast.evaluate(sample, fast_states, now, foreign=latest.get)
         decided_slow, _ = slow.evaluate(_copy(sample), slow_states, now, foreign=latest.get)
         assert sorted(map(_key, decided_fast)) == sorted(map(_key, decided_slow))
+        decided_ref = _reference(slow.index, sample, ref_states, now, latest.get)
+        assert sorted(map(_key, decided_slow)) == decided_ref
         latest[sample_key] = sample
     assert dict(fast_states.items()) == dict(slow_states.items())
+    assert dict(slow_states.items()) == dict(ref_states.items())
+
+
+def _reference(index: NaiveIndex, sample: Sample, states: MemoryStates, now: float,
+               foreign: Foreign) -> list[tuple[Any, ...]]:
+    """The lifecycle by its definition: `lifecycle.step` on every instance in scope with both
+    truths evaluated, no skipping: the evaluator (which skips the cases step leaves alone and
+    calls the acting transitions directly) must decide exactly this."""
+    out = []
+    for rule_ in index.candidates(sample):
+        r = index.get(rule_)
+        assert r is not None
+        instance = r.instance(sample.key)
+        state = states.get(r.id, instance) or OK_STATE
+        result = step(r.policy, state, r.enter(sample, foreign), r.stay(sample, foreign),
+                      ts=sample.ts, series=sample.key, now=now)
+        if result.action is not Action.NONE:
+            states.set(r, instance, result.state)
+            out.append((r.id, instance, result.action.value, result.reason.value, result.notify))
+    return sorted(out)
 
 
 def _copy(sample: Sample) -> Sample:

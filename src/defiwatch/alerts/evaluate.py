@@ -20,7 +20,18 @@ from typing import Any, Protocol
 import msgspec
 
 from defiwatch.alerts.index import NaiveIndex, RuleIndex
-from defiwatch.alerts.lifecycle import OK_STATE, Action, InstanceState, Phase, Step, step, tick
+from defiwatch.alerts.lifecycle import (
+    OK_STATE,
+    Action,
+    InstanceState,
+    Phase,
+    Step,
+    clear_hold,
+    clear_pending,
+    resolve,
+    start_episode,
+    tick,
+)
 from defiwatch.alerts.rules import CompiledRule
 from defiwatch.domain.conditions import Foreign, Sample
 
@@ -28,7 +39,7 @@ __all__ = ["Decision", "Evaluator", "MemoryStates", "StateView", "is_active"]
 
 # Module constants for the members the hot loop compares with: a global is read in a tenth of
 # the time of `Phase.OK` (an attribute lookup through the enum's metaclass).
-_OK, _FIRING, _NONE = Phase.OK, Phase.FIRING, Action.NONE
+_OK, _PENDING, _FIRING, _NONE = Phase.OK, Phase.PENDING, Phase.FIRING, Action.NONE
 
 
 def is_active(state: InstanceState) -> bool:
@@ -165,7 +176,7 @@ class Evaluator:
         truth_hits = self._truth_hits
         ts = sample.ts
         # Globals the loop reads per instance, as locals (a local is the cheapest read).
-        step_, decision, ok_state, ok, firing, none = step, Decision, OK_STATE, _OK, _FIRING, _NONE
+        decision, ok_state, ok, pending, firing = Decision, OK_STATE, _OK, _PENDING, _FIRING
         for group in (hits.values(), extra):
             for rule in group:
                 rule_id = rule.id
@@ -173,39 +184,37 @@ class Evaluator:
                 instance = key if wildcard else ""
                 state_key = (rule_id, instance)
                 state = get_state(state_key)
-                # Only evaluate what can act (lifecycle.step decides by truth alone, and these
-                # are exactly its NONE cases): an ok instance acts on TRUE only; a pending or
-                # held one on FALSE only (time is the tick's); a firing one when its stay
-                # condition is FALSE.
+                # Only evaluate what can act, and apply the one transition that can: the cases
+                # of lifecycle.step that act, called directly (step decides by phase and truth
+                # alone, and everything skipped here is one of its NONE cases). An ok instance
+                # acts on TRUE only; a pending or held one on FALSE only (time is the tick's); a
+                # firing one when its stay condition is FALSE.
                 # A truth hit on a single exact comparison *is* its truth: TRUE (and the stay
                 # comparison, looser, TRUE too), no need to evaluate it.
                 known_true = truth_hits and wildcard and rule.simple and rule_id in hits
                 if state is None or (state.phase is ok and state.held_at is None):
-                    enter = 2 if known_true else rule.enter(sample, lookup)
-                    if enter != 2:  # only TRUE acts
+                    if not known_true and rule.enter(sample, lookup) != 2:  # only TRUE acts
                         continue
-                    stay = enter
                     state = state or ok_state
+                    result = start_episode(rule.policy, state, ts, key, event, now)
                 elif known_true:
                     continue  # TRUE: a pending, held or firing instance stays as it is
                 elif state.phase is firing:
-                    stay = rule.stay(sample, lookup)
-                    if stay != 0:  # only FALSE acts
+                    if rule.stay(sample, lookup) != 0:  # only FALSE acts
                         continue
-                    enter = stay
+                    result = resolve(rule.policy, state, now)
+                elif rule.enter(sample, lookup) != 0:  # pending or held: only FALSE acts
+                    continue
+                elif state.phase is pending:
+                    result = clear_pending(state, now)
                 else:
-                    enter = rule.enter(sample, lookup)
-                    if enter != 0:  # only FALSE acts
-                        continue
-                    stay = enter
-                result = step_(rule.policy, state, enter, stay, ts=ts, series=key, now=now,
-                               event=event)
-                if result.action is not none:
-                    if put_named is not None and not wildcard:
-                        put_named(state_key, result.state)
-                    else:
-                        states.set(rule, instance, result.state)
-                    decisions.append(decision(rule, instance, state, result, sample, origin))
+                    result = clear_hold(state)
+                # Every transition above acts (never Action.NONE): record it.
+                if put_named is not None and not wildcard:
+                    put_named(state_key, result.state)
+                else:
+                    states.set(rule, instance, result.state)
+                decisions.append(decision(rule, instance, state, result, sample, origin))
         return decisions, len(hits) + len(extra)
 
     def tick(

@@ -42,7 +42,11 @@ __all__ = [
     "Reason",
     "Step",
     "Suppression",
+    "clear_hold",
+    "clear_pending",
     "due_at",
+    "resolve",
+    "start_episode",
     "step",
     "tick",
 ]
@@ -192,7 +196,7 @@ def _in_cooldown(policy: Policy, state: InstanceState, now: float) -> bool:
     return state.fired_at is not None and now - state.fired_at < policy.throttle_s
 
 
-def _fire(policy: Policy, state: InstanceState, reason: Reason, now: float, *,
+def _fire(policy: Policy, state: InstanceState, reason: Reason, now: float,
           ts: int | None, series: str | None) -> Step:
     """-> firing, for the episode that started with the observation `ts` on `series`."""
     snoozed = _snoozed(state, now)
@@ -204,11 +208,13 @@ def _fire(policy: Policy, state: InstanceState, reason: Reason, now: float, *,
     return Step(new, _ACTION_FIRED, reason, not snoozed, _SUPPRESSION_SNOOZED if snoozed else None)
 
 
-def _enter(
-    policy: Policy, state: InstanceState, *, ts: int, series: str, event: dict[str, Any] | None,
+def start_episode(
+    policy: Policy, state: InstanceState, ts: int, series: str, event: dict[str, Any] | None,
     now: float,
 ) -> Step:
-    """ok + TRUE: start an episode (pending, held by the cooldown, or fired)."""
+    """ok (not holding a fire) + TRUE: start an episode (pending, held by the cooldown, or
+    fired). `step`'s transition for that case, callable directly (positionally) by a caller
+    that already knows the phase and the truth: the evaluator's hot loop."""
     if policy.for_s > 0:
         new = msgspec.structs.replace(state, episode_ts=ts, episode_series=series, event=event,
                                       phase=_PHASE_PENDING, since=now)
@@ -218,7 +224,7 @@ def _enter(
                                       held_at=now)
         return Step(new, _ACTION_HELD, _REASON_THROTTLED)
     # Fired at once: one copy of the state (this is the hot path of a mass fire), not two.
-    return _fire(policy, state, _REASON_CONDITION_MET, now, ts=ts, series=series)
+    return _fire(policy, state, _REASON_CONDITION_MET, now, ts, series)
 
 
 def step(
@@ -250,30 +256,50 @@ def step(
     phase = state.phase
     if phase is _PHASE_FIRING:
         if stay == _TRUTH_FALSE:
-            snoozed = _snoozed(state, now)
-            notify = policy.notify_on_resolve and not snoozed
-            suppressed = (None if notify else _SUPPRESSION_SNOOZED if snoozed and
-                          policy.notify_on_resolve else _SUPPRESSION_RESOLVE_NOT_REQUESTED)
-            new = msgspec.structs.replace(state, phase=_PHASE_OK, since=now,
-                                          notified_at=now if notify else state.notified_at)
-            return Step(new, _ACTION_RESOLVED, _REASON_RECOVERED, notify, suppressed)
+            return resolve(policy, state, now)
         if stay == _TRUTH_TRUE and enter == _TRUTH_FALSE:
             return Step(state, _ACTION_NONE, _REASON_RECOVERY_NOT_REACHED)
         return Step(state, _ACTION_NONE, _REASON_STILL_FIRING if stay == _TRUTH_TRUE else _REASON_NO_DATA)
     if phase is _PHASE_PENDING:
         if enter == _TRUTH_FALSE:
-            new = msgspec.structs.replace(state, phase=_PHASE_OK, since=now, event=None)
-            return Step(new, _ACTION_CLEARED, _REASON_PENDING_CLEARED)
+            return clear_pending(state, now)
         return Step(state, _ACTION_NONE, _REASON_STILL_PENDING if enter == _TRUTH_TRUE else _REASON_NO_DATA)
     # ok
     if state.held_at is not None:
         if enter == _TRUTH_FALSE:
-            new = msgspec.structs.replace(state, held_at=None, event=None)
-            return Step(new, _ACTION_CLEARED, _REASON_HOLD_CLEARED)
+            return clear_hold(state)
         return Step(state, _ACTION_NONE, _REASON_THROTTLED)
     if enter == _TRUTH_TRUE:
-        return _enter(policy, state, ts=ts, series=series, event=event, now=now)
+        return start_episode(policy, state, ts, series, event, now)
     return Step(state, _ACTION_NONE, _REASON_NOT_MET if enter == _TRUTH_FALSE else _REASON_NO_DATA)
+
+
+# `step`'s transitions that act, one function each: `step` dispatches to them, and the
+# evaluator's hot loop, which has already told the phase and the truth apart (it skips the
+# NONE cases before calling), calls them directly rather than through the dispatch.
+
+
+def resolve(policy: Policy, state: InstanceState, now: float) -> Step:
+    """firing + stay FALSE: resolved (notified only if the rule asks and it is not snoozed)."""
+    snoozed = _snoozed(state, now)
+    notify = policy.notify_on_resolve and not snoozed
+    suppressed = (None if notify else _SUPPRESSION_SNOOZED if snoozed and
+                  policy.notify_on_resolve else _SUPPRESSION_RESOLVE_NOT_REQUESTED)
+    new = msgspec.structs.replace(state, phase=_PHASE_OK, since=now,
+                                  notified_at=now if notify else state.notified_at)
+    return Step(new, _ACTION_RESOLVED, _REASON_RECOVERED, notify, suppressed)
+
+
+def clear_pending(state: InstanceState, now: float) -> Step:
+    """pending + FALSE: back to ok, nothing was notified."""
+    new = msgspec.structs.replace(state, phase=_PHASE_OK, since=now, event=None)
+    return Step(new, _ACTION_CLEARED, _REASON_PENDING_CLEARED)
+
+
+def clear_hold(state: InstanceState) -> Step:
+    """ok holding a fire + FALSE: the held fire is dropped."""
+    new = msgspec.structs.replace(state, held_at=None, event=None)
+    return Step(new, _ACTION_CLEARED, _REASON_HOLD_CLEARED)
 
 
 def _release(policy: Policy, state: InstanceState, reason: Reason, now: float) -> Step:
@@ -281,8 +307,7 @@ def _release(policy: Policy, state: InstanceState, reason: Reason, now: float) -
     if _in_cooldown(policy, state, now):
         new = msgspec.structs.replace(state, phase=_PHASE_OK, held_at=now)
         return Step(new, _ACTION_HELD, _REASON_THROTTLED)
-    return _fire(policy, state, reason, now, ts=state.episode_ts,
-                 series=state.episode_series)
+    return _fire(policy, state, reason, now, state.episode_ts, state.episode_series)
 
 
 def _repeat(policy: Policy, state: InstanceState, now: float) -> Step | None:
@@ -316,8 +341,8 @@ def tick(policy: Policy, state: InstanceState, now: float) -> Step:
     if state.phase is _PHASE_FIRING:
         return _repeat(policy, state, now) or Step(state, _ACTION_NONE, _REASON_STILL_FIRING)
     if state.held_at is not None and not _in_cooldown(policy, state, now):
-        return _fire(policy, state, _REASON_COOLDOWN_OVER, now, ts=state.episode_ts,
-                     series=state.episode_series)
+        return _fire(policy, state, _REASON_COOLDOWN_OVER, now, state.episode_ts,
+                     state.episode_series)
     return Step(state, _ACTION_NONE, _REASON_THROTTLED if state.held_at else _REASON_NOT_MET)
 
 
