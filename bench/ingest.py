@@ -57,13 +57,13 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-from measure import dist_ms, machine_busy, postgres_pids, proc_cpu
+from measure import CpuMeter, dist_ms
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -165,45 +165,6 @@ def latency_ticks(points: Sequence[tuple[str, Raw]], per_tick: int) -> list[list
 
 
 # ---------------------------------------------------------------- measurement helpers
-
-
-@dataclass
-class CpuMeter:
-    """CPU seconds of the processes involved in one phase, and the machine's busy share."""
-
-    processor_pid: int | None
-    redis_pid: int | None
-    start: dict[str, float] = field(default_factory=dict)
-    pg_start: dict[int, float] = field(default_factory=dict)
-    machine_start: tuple[float, float] = (0.0, 0.0)
-    wall_start: float = 0.0
-
-    def begin(self) -> None:
-        self.wall_start = time.perf_counter()
-        self.start = self._sample()
-        self.pg_start = {pid: proc_cpu(pid) for pid in postgres_pids()}
-        self.machine_start = machine_busy()
-
-    def _sample(self) -> dict[str, float]:
-        s = {"load_process": time.process_time()}
-        if self.processor_pid:
-            s["processor_process"] = proc_cpu(self.processor_pid)
-        if self.redis_pid:
-            s["redis_server"] = proc_cpu(self.redis_pid)
-        return s
-
-    def end(self) -> dict[str, Any]:
-        wall = time.perf_counter() - self.wall_start
-        now = self._sample()
-        out: dict[str, Any] = {k: round(now[k] - self.start[k], 2) for k in now}
-        # Backends that exited during the phase are lost; those that started count from 0.
-        out["postgres_all_processes"] = round(
-            sum(proc_cpu(pid) - self.pg_start.get(pid, 0.0) for pid in postgres_pids()), 2)
-        busy, total = machine_busy()
-        b0, t0 = self.machine_start
-        out["machine_busy_pct_of_all_cores"] = round(100 * (busy - b0) / max(total - t0, 1), 1)
-        out["wall_s"] = round(wall, 2)
-        return {"cpu_seconds": out}
 
 
 async def cursor_id(engine: AsyncEngine) -> int:
@@ -401,7 +362,9 @@ async def production_env(tmp: Path, tag: str, zero: bool, args: argparse.Namespa
 
 async def run_throughput(env: Env, batches: list[tuple[str, list[Raw]]], args: argparse.Namespace
                          ) -> dict[str, Any]:
-    cpu = CpuMeter(env.processor_pid, env.redis_pid)
+    cpu = CpuMeter("load_process", {
+        name: [pid] for name, pid in (("processor_process", env.processor_pid),
+                                      ("redis_server", env.redis_pid)) if pid})
     samples: list[tuple[float, int]] = []
     done = asyncio.Event()
 
@@ -437,7 +400,7 @@ async def run_throughput(env: Env, batches: list[tuple[str, list[Raw]]], args: a
     finally:
         done.set()
         await sampler
-    cpu_out = cpu.end()
+    cpu_out = {"cpu_seconds": cpu.end()}
     events = await env.stream.last_offset()
     assert first_commit is not None
     e2e = t_caught - first_commit
@@ -526,7 +489,9 @@ async def run_latency(env: Env, ticks: list[list[TickBatch]], warmup_ticks: int,
             "max_concurrent": seen,
             "oldest_age_seen_s": round(worst, 3)})
 
-    cpu = CpuMeter(env.processor_pid, env.redis_pid)
+    cpu = CpuMeter("load_process", {
+        name: [pid] for name, pid in (("processor_process", env.processor_pid),
+                                      ("redis_server", env.redis_pid)) if pid})
     observer = asyncio.create_task(observe())
     pg_task = asyncio.create_task(pg_other_xacts()) if env.backend == "production" else None
     commits: list[tuple[int, float, float, list[Key], float]] = []  # tick, perf, wall, keys, dur
@@ -559,7 +524,7 @@ async def run_latency(env: Env, ticks: list[list[TickBatch]], warmup_ticks: int,
             advanced.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(advanced.wait(), 1.0)
-        cpu_out = cpu.end()
+        cpu_out = {"cpu_seconds": cpu.end()}
     finally:
         stop_observer.set()
         pg_stop.set()

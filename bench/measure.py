@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["dist_ms", "machine_busy", "pct", "postgres_pids", "proc_cpu"]
+__all__ = ["CpuMeter", "dist_ms", "machine_busy", "pct", "postgres_pids", "proc_cpu"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -59,3 +61,41 @@ def machine_busy() -> tuple[float, float]:
     idle = parts[3] + parts[4]
     total = sum(parts[:8])
     return total - idle, total
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds over one phase of this process (`own`), of named groups of other processes,
+    and of every PostgreSQL process, with the machine's busy share."""
+
+    own: str
+    others: Mapping[str, Sequence[int]]
+    start: dict[str, float] = field(default_factory=dict)
+    pg_start: dict[int, float] = field(default_factory=dict)
+    machine_start: tuple[float, float] = (0.0, 0.0)
+    wall_start: float = 0.0
+
+    def _sample(self) -> dict[str, float]:
+        s = {self.own: time.process_time()}
+        for name, pids in self.others.items():
+            s[name] = sum(proc_cpu(pid) for pid in pids)
+        return s
+
+    def begin(self) -> None:
+        self.wall_start = time.perf_counter()
+        self.start = self._sample()
+        self.pg_start = {pid: proc_cpu(pid) for pid in postgres_pids()}
+        self.machine_start = machine_busy()
+
+    def end(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self.wall_start
+        now = self._sample()
+        out: dict[str, Any] = {k: round(now[k] - self.start[k], 2) for k in now}
+        # Backends that exited during the phase are lost; those that started count from 0.
+        out["postgres_all_processes"] = round(
+            sum(proc_cpu(pid) - self.pg_start.get(pid, 0.0) for pid in postgres_pids()), 2)
+        busy, total = machine_busy()
+        b0, t0 = self.machine_start
+        out["machine_busy_pct_of_all_cores"] = round(100 * (busy - b0) / max(total - t0, 1), 1)
+        out["wall_s"] = round(wall, 2)
+        return out

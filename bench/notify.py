@@ -60,12 +60,12 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-from measure import dist_ms, machine_busy, postgres_pids, proc_cpu
+from measure import CpuMeter, dist_ms
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -92,40 +92,6 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------- statistics
-
-
-@dataclass
-class CpuMeter:
-    """CPU seconds of the notifiers, this process and PostgreSQL over one phase."""
-
-    notifier_pids: list[int]
-    start: dict[str, float] = field(default_factory=dict)
-    pg_start: dict[int, float] = field(default_factory=dict)
-    machine_start: tuple[float, float] = (0.0, 0.0)
-    wall_start: float = 0.0
-
-    def _sample(self) -> dict[str, float]:
-        s = {"load_and_receivers_process": time.process_time()}
-        s["notifier_processes"] = sum(proc_cpu(pid) for pid in self.notifier_pids)
-        return s
-
-    def begin(self) -> None:
-        self.wall_start = time.perf_counter()
-        self.start = self._sample()
-        self.pg_start = {pid: proc_cpu(pid) for pid in postgres_pids()}
-        self.machine_start = machine_busy()
-
-    def end(self) -> dict[str, Any]:
-        wall = time.perf_counter() - self.wall_start
-        now = self._sample()
-        out: dict[str, Any] = {k: round(now[k] - self.start[k], 2) for k in now}
-        out["postgres_all_processes"] = round(
-            sum(proc_cpu(pid) - self.pg_start.get(pid, 0.0) for pid in postgres_pids()), 2)
-        busy, total = machine_busy()
-        b0, t0 = self.machine_start
-        out["machine_busy_pct_of_all_cores"] = round(100 * (busy - b0) / max(total - t0, 1), 1)
-        out["wall_s"] = round(wall, 2)
-        return out
 
 
 # ---------------------------------------------------------------- database
@@ -373,7 +339,8 @@ async def run_scenario(scenario: str, args: argparse.Namespace, tmp: Path) -> di
             healthy = [t for t in targets if t.role == "healthy"]
             load_targets = healthy if scenario == "burst" else targets
             async with notifiers(url, state, args) as procs:
-                meter = CpuMeter([p.pid for p in procs])
+                meter = CpuMeter("load_and_receivers_process",
+                                 {"notifier_processes": [p.pid for p in procs]})
                 try:
                     # Warm-up: one notification per healthy receiver must arrive.
                     async with engine.begin() as conn:
