@@ -32,12 +32,19 @@ def given(*, prefs: Preferences | None = None, dispatched: Sequence[float] = (),
           devices: Sequence[Device] = (), admit: float | None = None) -> PlanInput:
     endpoint = Endpoint(id=5, user_id=1, channel="webhook", target=URL,
                         secrets=[{"secret": "whsec_a", "expires_at": None}], failing_since=None,
-                        disabled_at=NOW - 1 if disabled else None)
+                        last_error=None, disabled_at=NOW - 1 if disabled else None,
+                        disabled_reason=None, created_at=NOW, updated_at=NOW)
     return PlanInput(now=NOW, preferences={1: prefs} if prefs else {},
                      endpoints={(1, "webhook", URL): endpoint}, devices={1: list(devices)},
                      dispatched={(1, "webhook"): list(dispatched)},
                      default_per_minute=per_minute, free=free,
                      host_free=lambda _host: host_free, admit=lambda _host: admit)
+
+
+def device(id: int, name: str, *, disabled_at: float | None) -> Device:
+    return Device(id=id, user_id=1, device=name, endpoint=f"https://push.example/{id}",
+                  p256dh="k", auth="a", user_agent=None, created_at=NOW, updated_at=NOW,
+                  disabled_at=disabled_at, disabled_reason=None)
 
 
 def prefs(start: str | None = None, end: str | None = None, tz: str = "UTC", *,
@@ -103,8 +110,7 @@ def test_disabled_endpoints_and_unknown_devices_end_dead() -> None:
 
 
 def test_push_to_every_device_expands_to_the_enabled_ones() -> None:
-    devices = [Device(1, "phone", "https://push.example/1", "k", "a", None),
-               Device(1, "old", "https://push.example/2", "k", "a", NOW - 10)]
+    devices = [device(1, "phone", disabled_at=None), device(2, "old", disabled_at=NOW - 10)]
     out = plan([row(1, channel="push", target="*")], given(devices=devices))
     assert out.expansions == [(row(1, channel="push", target="*"), ["phone"])]
     out = plan([row(1, channel="push", target="*")], given(devices=devices[1:]))

@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from defiwatch.domain import NO_CHAIN
 from defiwatch.domain.changes import WINDOWS, pct_change
 from defiwatch.query.freshness import ChangeRow, capture, changes_since
+from defiwatch.store.db import chunks
 from defiwatch.store.schema import points, protocols, query_latest, query_refresh, query_snapshot
 
 __all__ = ["REFRESH_SECONDS", "ReadModel", "RefreshReport"]
@@ -173,7 +174,7 @@ class ReadModel:
                       for (m, s, c), (ts, v) in sorted(newest.items())]
             for i in range(0, len(values), 1_000):
                 await conn.execute(_upsert_latest(conn.dialect.name), values[i : i + 1_000])
-        for part in _chunks(sorted(coins), self._chunk):
+        for part in chunks(sorted(coins), self._chunk):
             slugs |= set((await conn.execute(select(protocols.c.slug).where(
                 protocols.c.gecko_id.in_(part)))).scalars())
         await self._recompute(conn, sorted(slugs))
@@ -184,7 +185,7 @@ class ReadModel:
         """Recompute the snapshot rows of `slugs` (`everything`: they are all protocols, so
         read each table once instead of in bounded IN lists)."""
         dialect = conn.dialect.name
-        parts: Iterable[Sequence[str] | None] = [None] if everything else _chunks(
+        parts: Iterable[Sequence[str] | None] = [None] if everything else chunks(
             slugs, self._chunk)
         for part in parts:
             tvl = {r.subject: r for r in await conn.execute(_tvl_with_references(part))}
@@ -220,9 +221,6 @@ class ReadModel:
                 await conn.execute(_upsert_snapshot(dialect), rows[i : i + 5_000])
 
 
-def _chunks(items: Sequence[str], size: int) -> Iterable[Sequence[str]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 def _tvl_with_references(slugs: Sequence[str] | None) -> Select[Any]:

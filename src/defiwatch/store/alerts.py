@@ -17,7 +17,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Select
 
-from defiwatch.store.db import dialect_insert, on_postgres
+from defiwatch.store.db import chunks, dialect_insert, on_postgres, row_dict
 from defiwatch.store.schema import (
     alert_history,
     alert_rule_revision,
@@ -277,7 +277,7 @@ class Cursor(NamedTuple):
 
 async def load_cursors(conn: AsyncConnection, series: Sequence[str]) -> dict[str, Cursor]:
     out: dict[str, Cursor] = {}
-    for chunk in _chunks(series):
+    for chunk in chunks(series):
         rows = await conn.execute(
             select(alert_series.c.series, alert_series.c.last_ts, alert_series.c.measures)
             .where(alert_series.c.series.in_(chunk)))
@@ -312,9 +312,9 @@ async def load_states(
     (rule_id, instance) order."""
     out: list[StateRow] = []
     wanted: list[Any] = []
-    for chunk in _chunks(series):
+    for chunk in chunks(series):
         wanted.append(alert_states.c.series.in_(chunk))
-    for ids in _chunks(sorted(set(multi_rule_ids))):
+    for ids in chunks(sorted(set(multi_rule_ids))):
         wanted.append(and_(alert_states.c.series == "", alert_states.c.rule_id.in_(ids)))
     if not wanted:
         return out
@@ -390,7 +390,7 @@ async def insert_alerts(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]
 
 async def alert_ids(conn: AsyncConnection, dedup_keys: Sequence[str]) -> dict[str, int]:
     out: dict[str, int] = {}
-    for chunk in _chunks(dedup_keys):
+    for chunk in chunks(dedup_keys):
         rows = await conn.execute(select(alert_history.c.id, alert_history.c.dedup_key)
                                   .where(alert_history.c.dedup_key.in_(chunk)))
         out.update({r.dedup_key: int(r.id) for r in rows})
@@ -437,7 +437,7 @@ async def pending_stream_events(
 
 
 async def delete_stream_events(conn: AsyncConnection, ids: Sequence[int]) -> None:
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         await conn.execute(delete(alert_stream_outbox).where(alert_stream_outbox.c.id.in_(chunk)))
 
 
@@ -473,13 +473,10 @@ class AlertRow(msgspec.Struct):
 _ALERT_COLUMNS = [c for c in alert_history.c if c.name not in ("user_id", "updated_at")]
 
 
-def _plain(row: Any) -> dict[str, Any]:
-    # Column keys may be sqlalchemy's quoted_name, a str subclass msgspec does not take as str.
-    return {str(k): v for k, v in row._mapping.items()}
 
 
 def _alert(row: Any) -> AlertRow:
-    return msgspec.convert(_plain(row), AlertRow)
+    return msgspec.convert(row_dict(row), AlertRow)
 
 
 async def list_alerts(
@@ -533,8 +530,3 @@ async def get_alert(
 async def update_alert(conn: AsyncConnection, alert_id: int, values: Mapping[str, Any]) -> None:
     await conn.execute(update(alert_history).where(alert_history.c.id == alert_id).values(**values))
 
-
-def _chunks(items: Sequence[Any], size: int = 500) -> Iterable[Sequence[Any]]:
-    """IN lists in pieces: SQLite allows 32,766 bound parameters, asyncpg 32,767."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,7 +13,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 __all__ = [
-    "create_engine", "dialect_insert", "is_postgres", "on_postgres", "raw_dsn", "read_retrying",
+    "chunks", "create_engine", "dialect_insert", "is_postgres", "on_postgres", "raw_dsn",
+    "read_retrying", "row_dict",
 ]
 
 T = TypeVar("T")
@@ -30,6 +31,18 @@ def on_postgres(conn: AsyncConnection) -> bool:
 def dialect_insert(conn: AsyncConnection, table: Any) -> Any:
     """The dialect's INSERT, which both databases give on_conflict_do_nothing / _do_update."""
     return (postgresql if on_postgres(conn) else sqlite).insert(table)
+
+
+def row_dict(row: Any) -> dict[str, Any]:
+    """A result row as a plain dict. Column keys may be SQLAlchemy's quoted_name, a str
+    subclass msgspec does not take as str."""
+    return {str(k): v for k, v in row._mapping.items()}
+
+
+def chunks(items: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
+    """IN lists in pieces: SQLite allows 32,766 bound parameters, asyncpg 32,767."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def raw_dsn(url: str) -> str:

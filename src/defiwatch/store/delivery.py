@@ -17,7 +17,7 @@ import msgspec
 from sqlalchemy import and_, bindparam, func, insert, or_, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from defiwatch.store.db import dialect_insert, on_postgres
+from defiwatch.store.db import chunks, dialect_insert, on_postgres, row_dict
 from defiwatch.store.schema import (
     alert_history,
     notification_attempts,
@@ -103,8 +103,6 @@ class OutboxRow(msgspec.Struct):
 _ROW_COLUMNS = [notification_logs.c[name] for name in OutboxRow.__struct_fields__]
 
 
-def _plain(row: Any) -> dict[str, Any]:
-    return {str(k): v for k, v in row._mapping.items()}
 
 
 async def claim_due(
@@ -126,7 +124,7 @@ async def claim_due(
         stmt = stmt.where(t.c.host.not_in(excluded))
     stmt = stmt.order_by(t.c.next_attempt_at, t.c.id).limit(limit).with_for_update(skip_locked=True)
     rows = await conn.execute(stmt)
-    return [msgspec.convert(_plain(r), OutboxRow) for r in rows]
+    return [msgspec.convert(row_dict(r), OutboxRow) for r in rows]
 
 
 async def close_lost_attempts(conn: AsyncConnection, rows: Sequence[OutboxRow], now: float) -> None:
@@ -280,13 +278,26 @@ async def settle(conn: AsyncConnection, settlements: Sequence[Settlement], *, wo
 
 
 class Endpoint(msgspec.Struct):
+    """A notification_endpoints row; `secrets` holds the webhook secrets in clear (they sign;
+    never shown after the answer that created them)."""
+
     id: int
     user_id: int
     channel: str
     target: str
     secrets: list[dict[str, Any]]
     failing_since: float | None
+    last_error: str | None
     disabled_at: float | None
+    disabled_reason: str | None
+    created_at: float
+    updated_at: float
+
+    def status(self) -> str:
+        """active, failing (failures since `failing_since`) or disabled."""
+        if self.disabled_at is not None:
+            return "disabled"
+        return "failing" if self.failing_since is not None else "active"
 
 
 EndpointKey = tuple[int, str, str]  # (user_id, channel, target)
@@ -299,11 +310,11 @@ async def load_endpoints(conn: AsyncConnection, keys: Iterable[EndpointKey]) -> 
     e = notification_endpoints
     cols = [e.c[name] for name in Endpoint.__struct_fields__]
     out: dict[EndpointKey, Endpoint] = {}
-    for chunk in _chunks(wanted, 300):
+    for chunk in chunks(wanted, 300):
         rows = await conn.execute(select(*cols).where(
             tuple_(e.c.user_id, e.c.channel, e.c.target).in_(chunk)))
         for r in rows:
-            endpoint = msgspec.convert(_plain(r), Endpoint)
+            endpoint = msgspec.convert(row_dict(r), Endpoint)
             out[(endpoint.user_id, endpoint.channel, endpoint.target)] = endpoint
     return out
 
@@ -364,7 +375,7 @@ async def disable_endpoints(
         .values(disabled_at=now, updated_at=now,
                 disabled_reason=reason)
         .returning(*cols))
-    return [msgspec.convert(_plain(r), Endpoint) for r in rows]
+    return [msgspec.convert(row_dict(r), Endpoint) for r in rows]
 
 
 async def record_disabled(
@@ -384,12 +395,19 @@ async def record_disabled(
 
 
 class Device(msgspec.Struct):
+    """A user_devices row (`auth` is the subscription's secret: never shown)."""
+
+    id: int
     user_id: int
     device: str
     endpoint: str
     p256dh: str
     auth: str
+    user_agent: str | None
+    created_at: float
+    updated_at: float
     disabled_at: float | None
+    disabled_reason: str | None
 
 
 async def load_devices(conn: AsyncConnection, user_ids: Iterable[int]) -> dict[int, list[Device]]:
@@ -398,9 +416,9 @@ async def load_devices(conn: AsyncConnection, user_ids: Iterable[int]) -> dict[i
     out: dict[int, list[Device]] = {u: [] for u in wanted}
     d = user_devices
     cols = [d.c[name] for name in Device.__struct_fields__]
-    for chunk in _chunks(wanted, 500):
+    for chunk in chunks(wanted, 500):
         for r in await conn.execute(select(*cols).where(d.c.user_id.in_(chunk)).order_by(d.c.id)):
-            device = msgspec.convert(_plain(r), Device)
+            device = msgspec.convert(row_dict(r), Device)
             out[device.user_id].append(device)
     return out
 
@@ -414,12 +432,15 @@ async def disable_device(conn: AsyncConnection, user_id: int, device: str, reaso
 
 
 class Preferences(msgspec.Struct):
+    """A user's delivery preferences; the defaults are what a user without a row gets."""
+
     user_id: int
-    timezone: str
-    quiet_start: str | None
-    quiet_end: str | None
-    quiet_allow_critical: bool
-    max_per_minute: dict[str, int]
+    timezone: str = "UTC"
+    quiet_start: str | None = None
+    quiet_end: str | None = None
+    quiet_allow_critical: bool = True
+    max_per_minute: dict[str, int] = msgspec.field(default_factory=dict)
+    updated_at: float | None = None
 
 
 async def load_preferences(conn: AsyncConnection, user_ids: Iterable[int]) -> dict[int, Preferences]:
@@ -428,9 +449,9 @@ async def load_preferences(conn: AsyncConnection, user_ids: Iterable[int]) -> di
     p = notification_preferences
     cols = [p.c[name] for name in Preferences.__struct_fields__]
     out: dict[int, Preferences] = {}
-    for chunk in _chunks(wanted, 500):
+    for chunk in chunks(wanted, 500):
         for r in await conn.execute(select(*cols).where(p.c.user_id.in_(chunk))):
-            prefs = msgspec.convert(_plain(r), Preferences)
+            prefs = msgspec.convert(row_dict(r), Preferences)
             out[prefs.user_id] = prefs
     return out
 
@@ -455,7 +476,7 @@ async def recent_dispatches(
     newest = func.row_number().over(partition_by=(t.c.user_id, t.c.channel),
                                     order_by=t.c.dispatched_at.desc()).label("n")
     cap = max(limits[k] for k in wanted)
-    for chunk in _chunks(wanted, 300):
+    for chunk in chunks(wanted, 300):
         ranked = (select(t.c.user_id, t.c.channel, t.c.dispatched_at, newest)
                   .where(tuple_(t.c.user_id, t.c.channel).in_(chunk), t.c.dispatched_at >= since)
                   .subquery())
@@ -467,7 +488,3 @@ async def recent_dispatches(
                 out[key].append(float(r.dispatched_at))
     return out
 
-
-def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

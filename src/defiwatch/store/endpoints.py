@@ -22,7 +22,8 @@ from sqlalchemy.sql import Select
 
 from defiwatch.notify.senders.webhook import generate_webhook_secret, rotate_webhook_secrets
 from defiwatch.store import delivery
-from defiwatch.store.db import dialect_insert, on_postgres
+from defiwatch.store.db import dialect_insert, on_postgres, row_dict
+from defiwatch.store.delivery import Device, Endpoint, Preferences
 from defiwatch.store.schema import (
     notification_endpoints,
     notification_logs,
@@ -33,8 +34,8 @@ from defiwatch.store.schema import (
 __all__ = [
     "DISABLED_ERROR_PREFIX",
     "ENDPOINT_CHANNELS",
-    "DeviceRow",
-    "EndpointRow",
+    "Device",
+    "Endpoint",
     "Preferences",
     "SecretInfo",
     "count_devices",
@@ -49,6 +50,7 @@ __all__ = [
     "live_secrets",
     "put_preferences",
     "rotate_endpoint_secret",
+    "secret_infos",
     "upsert_device",
 ]
 
@@ -56,9 +58,6 @@ ENDPOINT_CHANNELS = ("webhook", "chat", "email")  # the channels with a notifica
 DISABLED_ERROR_PREFIX = "endpoint disabled"  # last_error of notifications dropped while disabled
 
 
-def _plain(row: Any) -> dict[str, Any]:
-    # Column keys may be sqlalchemy's quoted_name, a str subclass msgspec does not take as str.
-    return {str(k): v for k, v in row._mapping.items()}
 
 
 # --- endpoints ---------------------------------------------------------------------------------
@@ -72,30 +71,10 @@ class SecretInfo(msgspec.Struct, frozen=True):
     expires_at: float | None
 
 
-class EndpointRow(msgspec.Struct):
-    """A notification_endpoints row; `secrets` holds the secrets in clear (never shown)."""
-
-    id: int
-    user_id: int
-    channel: str
-    target: str
-    secrets: list[dict[str, Any]]
-    failing_since: float | None
-    last_error: str | None
-    disabled_at: float | None
-    disabled_reason: str | None
-    created_at: float
-    updated_at: float
-
-    def status(self) -> str:
-        """active, failing (failures since `failing_since`) or disabled."""
-        if self.disabled_at is not None:
-            return "disabled"
-        return "failing" if self.failing_since is not None else "active"
-
-    def secret_infos(self, now: float) -> list[SecretInfo]:
-        return [SecretInfo(hashlib.sha256(s["secret"].encode()).hexdigest()[:8],
-                           s.get("expires_at")) for s in live_secrets(self.secrets, now)]
+def secret_infos(endpoint: Endpoint, now: float) -> list[SecretInfo]:
+    """What may be shown of the endpoint's live secrets."""
+    return [SecretInfo(hashlib.sha256(s["secret"].encode()).hexdigest()[:8], s.get("expires_at"))
+            for s in live_secrets(endpoint.secrets, now)]
 
 
 def live_secrets(secrets: Sequence[Mapping[str, Any]], now: float) -> list[dict[str, Any]]:
@@ -104,8 +83,8 @@ def live_secrets(secrets: Sequence[Mapping[str, Any]], now: float) -> list[dict[
             if s.get("expires_at") is None or float(s["expires_at"]) > now]
 
 
-def _endpoint(row: Any) -> EndpointRow:
-    return msgspec.convert(_plain(row), EndpointRow)
+def _endpoint(row: Any) -> Endpoint:
+    return msgspec.convert(row_dict(row), Endpoint)
 
 
 async def ensure_rule_endpoints(
@@ -128,7 +107,7 @@ async def ensure_rule_endpoints(
             if c == "webhook" and (u, c, t) in found and found[(u, c, t)].secrets}
 
 
-async def list_endpoints(conn: AsyncConnection, user_id: int) -> list[EndpointRow]:
+async def list_endpoints(conn: AsyncConnection, user_id: int) -> list[Endpoint]:
     rows = await conn.execute(select(notification_endpoints)
                               .where(notification_endpoints.c.user_id == user_id)
                               .order_by(notification_endpoints.c.id))
@@ -137,7 +116,7 @@ async def list_endpoints(conn: AsyncConnection, user_id: int) -> list[EndpointRo
 
 async def get_endpoint(
     conn: AsyncConnection, user_id: int, endpoint_id: int, *, lock: bool = False
-) -> EndpointRow | None:
+) -> Endpoint | None:
     """The user's endpoint, or None (also for another user's)."""
     stmt: Select[Any] = select(notification_endpoints).where(
         notification_endpoints.c.id == endpoint_id, notification_endpoints.c.user_id == user_id)
@@ -148,7 +127,7 @@ async def get_endpoint(
 
 
 async def rotate_endpoint_secret(
-    conn: AsyncConnection, endpoint: EndpointRow, *, now: float, grace_s: float
+    conn: AsyncConnection, endpoint: Endpoint, *, now: float, grace_s: float
 ) -> str:
     """Give a webhook endpoint a new current secret; the previous current one keeps signing
     until `now + grace_s` (older ones in their grace period are dropped: one rotation at a
@@ -168,7 +147,7 @@ async def rotate_endpoint_secret(
 
 
 async def enable_endpoint(
-    conn: AsyncConnection, endpoint: EndpointRow, *, now: float, redeliver: bool
+    conn: AsyncConnection, endpoint: Endpoint, *, now: float, redeliver: bool
 ) -> int:
     """Re-enable an endpoint (clears disabled_at, disabled_reason and failing_since); with
     `redeliver`, requeue its notifications that went dead because it was disabled.
@@ -199,24 +178,8 @@ async def enable_endpoint(
 # --- devices -------------------------------------------------------------------------------------
 
 
-class DeviceRow(msgspec.Struct):
-    """A user_devices row (`auth` is the subscription's secret: never shown)."""
-
-    id: int
-    user_id: int
-    device: str
-    endpoint: str
-    p256dh: str
-    auth: str
-    user_agent: str | None
-    created_at: float
-    updated_at: float
-    disabled_at: float | None
-    disabled_reason: str | None
-
-
-def _device(row: Any) -> DeviceRow:
-    return msgspec.convert(_plain(row), DeviceRow)
+def _device(row: Any) -> Device:
+    return msgspec.convert(row_dict(row), Device)
 
 
 async def count_devices(conn: AsyncConnection, user_id: int) -> int:
@@ -224,7 +187,7 @@ async def count_devices(conn: AsyncConnection, user_id: int) -> int:
                                    .where(user_devices.c.user_id == user_id))).scalar_one())
 
 
-async def get_device(conn: AsyncConnection, user_id: int, device: str) -> DeviceRow | None:
+async def get_device(conn: AsyncConnection, user_id: int, device: str) -> Device | None:
     row = (await conn.execute(select(user_devices).where(
         user_devices.c.user_id == user_id, user_devices.c.device == device))).first()
     return None if row is None else _device(row)
@@ -233,7 +196,7 @@ async def get_device(conn: AsyncConnection, user_id: int, device: str) -> Device
 async def upsert_device(
     conn: AsyncConnection, user_id: int, device: str, *, endpoint: str, p256dh: str, auth: str,
     user_agent: str | None, now: float,
-) -> DeviceRow:
+) -> Device:
     """Save a push subscription under `device`; an existing device of that name gets the new
     subscription and is enabled again."""
     stmt = dialect_insert(conn, user_devices).values(
@@ -249,7 +212,7 @@ async def upsert_device(
     return saved
 
 
-async def list_devices(conn: AsyncConnection, user_id: int) -> list[DeviceRow]:
+async def list_devices(conn: AsyncConnection, user_id: int) -> list[Device]:
     rows = await conn.execute(select(user_devices).where(user_devices.c.user_id == user_id)
                               .order_by(user_devices.c.id))
     return [_device(r) for r in rows]
@@ -265,31 +228,17 @@ async def delete_device(conn: AsyncConnection, user_id: int, device: str) -> boo
 # --- preferences ---------------------------------------------------------------------------------
 
 
-class Preferences(msgspec.Struct):
-    """A user's delivery preferences; the defaults are what a user without a row gets."""
-
-    timezone: str = "UTC"
-    quiet_start: str | None = None
-    quiet_end: str | None = None
-    quiet_allow_critical: bool = True
-    max_per_minute: dict[str, int] = msgspec.field(default_factory=dict)
-    updated_at: float | None = None
-
-
 async def get_preferences(conn: AsyncConnection, user_id: int) -> Preferences:
-    p = notification_preferences.c
-    row = (await conn.execute(
-        select(p.timezone, p.quiet_start, p.quiet_end, p.quiet_allow_critical,
-               p.max_per_minute, p.updated_at).where(p.user_id == user_id))).first()
-    return Preferences() if row is None else msgspec.convert(_plain(row), Preferences)
+    """The user's preferences, or the defaults if they never set any."""
+    stored = await delivery.load_preferences(conn, [user_id])
+    return stored.get(user_id) or Preferences(user_id)
 
 
-async def put_preferences(conn: AsyncConnection, user_id: int, prefs: Preferences,
-                          now: float) -> Preferences:
+async def put_preferences(conn: AsyncConnection, prefs: Preferences, now: float) -> Preferences:
     """Replace the user's preferences (validated by the caller)."""
     values = {"timezone": prefs.timezone, "quiet_start": prefs.quiet_start,
               "quiet_end": prefs.quiet_end, "quiet_allow_critical": prefs.quiet_allow_critical,
               "max_per_minute": prefs.max_per_minute, "updated_at": now}
-    stmt = dialect_insert(conn, notification_preferences).values(user_id=user_id, **values)
+    stmt = dialect_insert(conn, notification_preferences).values(user_id=prefs.user_id, **values)
     await conn.execute(stmt.on_conflict_do_update(index_elements=["user_id"], set_=values))
     return msgspec.structs.replace(prefs, updated_at=now)

@@ -16,7 +16,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Select
 
-from defiwatch.store.db import on_postgres
+from defiwatch.store.db import on_postgres, row_dict
 from defiwatch.store.delivery import wake_notifiers
 from defiwatch.store.schema import alert_rules, notification_attempts, notification_logs
 
@@ -76,9 +76,6 @@ _COLUMNS = [notification_logs.c[name] for name in NotificationRow.__struct_field
 _ATTEMPT_COLUMNS = [notification_attempts.c[name] for name in AttemptRow.__struct_fields__]
 
 
-def _plain(row: Any) -> dict[str, Any]:
-    # Column keys may be sqlalchemy's quoted_name, a str subclass msgspec does not take as str.
-    return {str(k): v for k, v in row._mapping.items()}
 
 
 async def _with_attempts(conn: AsyncConnection, rows: list[NotificationRow]) -> None:
@@ -91,7 +88,7 @@ async def _with_attempts(conn: AsyncConnection, rows: list[NotificationRow]) -> 
         .where(notification_attempts.c.notification_id.in_(list(by_id)))
         .order_by(notification_attempts.c.notification_id, notification_attempts.c.attempt))
     for r in result:
-        values = _plain(r)
+        values = row_dict(r)
         by_id[values.pop("notification_id")].attempts.append(
             msgspec.convert(values, AttemptRow))
 
@@ -124,7 +121,7 @@ async def list_notifications(
         stmt = stmt.where(n.created_at < until)
     if before is not None:
         stmt = stmt.where(n.id < before)
-    rows = [msgspec.convert(_plain(r), NotificationRow)
+    rows = [msgspec.convert(row_dict(r), NotificationRow)
             for r in await conn.execute(stmt.order_by(n.id.desc()).limit(limit))]
     await _with_attempts(conn, rows)
     return rows
@@ -143,7 +140,7 @@ async def get_notification(
     row = (await conn.execute(stmt)).first()
     if row is None:
         return None
-    out = msgspec.convert(_plain(row), NotificationRow)
+    out = msgspec.convert(row_dict(row), NotificationRow)
     await _with_attempts(conn, [out])
     return out
 

@@ -34,6 +34,7 @@ from defiwatch.alerts.rules import (
     compile_stored,
 )
 from defiwatch.api.auth import require
+from defiwatch.api.responses import json_response
 from defiwatch.api.routes.endpoints import notify_settings
 from defiwatch.api.routes.notifications import notification_out
 from defiwatch.domain import Latest, SeriesKey, normalize_subject
@@ -59,7 +60,6 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/v1/alerts", tags=["alerts"])
 
-_ENCODER = msgspec.json.Encoder()
 _MAX_SNOOZE_S = 30 * 86_400
 _TEST_INSTANCES = 50  # a dry run of a wildcard rule reports at most this many series
 _TEST_SCAN = 5_000  # and looks at most at this many matching series
@@ -197,9 +197,6 @@ def _config(request: Request) -> AlertsApiConfig:
     return config if isinstance(config, AlertsApiConfig) else AlertsApiConfig()
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(_ENCODER.encode(body), status_code=status, media_type="application/json")
-
 
 def _watch(condition: dict[str, Any]) -> str:
     tree, _ = parse_condition(condition)
@@ -274,7 +271,7 @@ async def create_rule(body: RuleCreate, request: Request, principal: Auth) -> Re
         await store.reset_states(conn, rule_id, multi=compiled.kind is RuleKind.MULTI, now=now)
         secrets = await _ensure_endpoints(conn, principal, fields["channels"], now)
         rule = await _owned_rule(conn, principal, rule_id)
-    return _json(_written(rule, secrets), 201)
+    return json_response(_written(rule, secrets), 201)
 
 
 @router.get("/rules", summary="List your alert rules", response_model=RulePage)
@@ -298,14 +295,14 @@ async def list_rules(
     page = RulePage(data=[_rule_out(r) for r in rules], meta=PageMeta(
         count=len(rules), total=total,
         next_after=rules[-1].id if len(rules) == limit else None))
-    return _json(page.model_dump())
+    return json_response(page.model_dump())
 
 
 @router.get("/rules/{rule_id}", summary="One of your alert rules", response_model=RuleOut)
 async def get_rule(rule_id: RuleId, request: Request, principal: Auth) -> Response:
     async with request.app.state.ctx.engine.connect() as conn:
         rule = await _owned_rule(conn, principal, rule_id)
-    return _json(_rule_out(rule).model_dump())
+    return json_response(_rule_out(rule).model_dump())
 
 
 async def _update(
@@ -346,20 +343,20 @@ async def patch_rule(rule_id: RuleId, body: RulePatch, request: Request, princip
         if key in changes and changes[key] is None:
             raise ValidationError(f"{key} cannot be null", field=key)
     rule, secrets = await _update(request, principal, rule_id, changes, endpoints=True)
-    return _json(_written(rule, secrets))
+    return json_response(_written(rule, secrets))
 
 
 @router.post("/rules/{rule_id}/pause", summary="Pause a rule: no evaluation until resumed",
              response_model=RuleOut)
 async def pause_rule(rule_id: RuleId, request: Request, principal: Auth) -> Response:
     rule, _ = await _update(request, principal, rule_id, {"paused": True})
-    return _json(_rule_out(rule).model_dump())
+    return json_response(_rule_out(rule).model_dump())
 
 
 @router.post("/rules/{rule_id}/resume", summary="Resume a paused rule", response_model=RuleOut)
 async def resume_rule(rule_id: RuleId, request: Request, principal: Auth) -> Response:
     rule, _ = await _update(request, principal, rule_id, {"paused": False})
-    return _json(_rule_out(rule).model_dump())
+    return json_response(_rule_out(rule).model_dump())
 
 
 @router.delete("/rules/{rule_id}", status_code=204, summary="Delete an alert rule",
@@ -467,7 +464,7 @@ async def test_rule(
     }
     if send:
         body["queued"] = await _queue_test(request, principal, stored, rule, time.time())
-    return _json(body)
+    return json_response(body)
 
 
 async def _queue_test(request: Request, principal: Principal, stored: store.StoredRule,
@@ -577,7 +574,7 @@ async def list_history(
         alerts, total = await store.list_alerts(
             conn, principal.user_id, rule_id=rule_id, state=state, subject=subject,
             since=since, until=until, acknowledged=acknowledged, limit=limit, before=before)
-    return _json({"data": [_alert_out(a) for a in alerts], "meta": {
+    return json_response({"data": [_alert_out(a) for a in alerts], "meta": {
         "count": len(alerts), "total": total,
         "next_before": alerts[-1].id if len(alerts) == limit else None}})
 
@@ -598,7 +595,7 @@ async def get_alert(alert_id: AlertId, request: Request, principal: Auth) -> Res
             conn, principal.user_id, alert_id=alert_id, limit=200)
     out = _alert_out(alert)
     out["notifications"] = [notification_out(n) for n in notes]
-    return _json(out)
+    return json_response(out)
 
 
 async def _update_instance(conn: AsyncConnection, alert: store.AlertRow, now: float,
@@ -631,7 +628,7 @@ async def ack_alert(alert_id: AlertId, request: Request, principal: Auth) -> Res
                                                       "updated_at": now})
             await _update_instance(conn, alert, now, acked=True)
         alert = await _owned_alert(conn, principal, alert_id)
-    return _json(_alert_out(alert))
+    return json_response(_alert_out(alert))
 
 
 @router.post(
@@ -667,4 +664,4 @@ async def _set_snooze(request: Request, principal: Principal, alert_id: int,
         await store.update_alert(conn, alert_id, {"snoozed_until": until, "updated_at": now})
         await _update_instance(conn, alert, now, snoozed_until=until)
         alert = await _owned_alert(conn, principal, alert_id)
-    return _json(_alert_out(alert))
+    return json_response(_alert_out(alert))

@@ -23,12 +23,12 @@ import time
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import msgspec
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from defiwatch.api.auth import require
+from defiwatch.api.responses import json_response
 from defiwatch.api.routes.endpoints import notify_settings
 from defiwatch.errors import DefiwatchError, NotFoundError, ValidationError
 from defiwatch.notify.factory import address_guard
@@ -41,7 +41,6 @@ __all__ = ["MAX_DEVICES", "DeviceLimitError", "PushNotConfigured", "router"]
 router = APIRouter(prefix="/v1/devices", tags=["delivery"])
 
 MAX_DEVICES = 20  # per user
-_ENCODER = msgspec.json.Encoder()
 _DEVICE_PATTERN = r"^[A-Za-z0-9._:-]{1,120}$"  # what a push channel's `device` accepts
 _B64URL = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
 _P256_POINT = 65  # bytes of an uncompressed P-256 point (0x04, x, y): RFC 8291 3.1
@@ -143,16 +142,13 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{host}{port}"
 
 
-def _device_out(row: store.DeviceRow) -> dict[str, Any]:
+def _device_out(row: store.Device) -> dict[str, Any]:
     return DeviceOut(
         device=row.device, endpoint_origin=_origin(row.endpoint), user_agent=row.user_agent,
         status="disabled" if row.disabled_at is not None else "enabled",
         disabled_at=row.disabled_at, disabled_reason=row.disabled_reason,
         created_at=row.created_at, updated_at=row.updated_at).model_dump()
 
-
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(_ENCODER.encode(body), status_code=status, media_type="application/json")
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -232,7 +228,7 @@ async def vapid_public_key(request: Request, principal: Auth) -> Response:
     if key is None:
         raise PushNotConfigured("push is not configured on this server: the operator must set "
                                 "DEFIWATCH_NOTIFY_VAPID_PRIVATE_KEY (or ..._FILE)")
-    return _json({"public_key": key.application_server_key})
+    return json_response({"public_key": key.application_server_key})
 
 
 @router.post(
@@ -264,14 +260,14 @@ async def register_device(body: DeviceCreate, request: Request, principal: Auth)
         row = await store.upsert_device(conn, principal.user_id, name, endpoint=endpoint,
                                         p256dh=p256dh, auth=auth, user_agent=body.user_agent,
                                         now=now)
-    return _json(_device_out(row), 200 if exists else 201)
+    return json_response(_device_out(row), 200 if exists else 201)
 
 
 @router.get("", summary="Your Web Push devices, disabled ones included", response_model=DeviceList)
 async def list_devices(request: Request, principal: Auth) -> Response:
     async with request.app.state.ctx.engine.connect() as conn:
         rows = await store.list_devices(conn, principal.user_id)
-    return _json({"data": [_device_out(r) for r in rows],
+    return json_response({"data": [_device_out(r) for r in rows],
                   "meta": {"count": len(rows), "max": MAX_DEVICES}})
 
 

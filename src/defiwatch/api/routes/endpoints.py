@@ -10,7 +10,7 @@ only a fingerprint and when each stops signing.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from defiwatch.api.auth import require
+from defiwatch.api.responses import json_response
 from defiwatch.config import Settings
 from defiwatch.errors import NotFoundError, ValidationError
 from defiwatch.notify.redact import redact_url
@@ -28,7 +29,6 @@ __all__ = ["display_target", "notify_settings", "router"]
 
 router = APIRouter(prefix="/v1/endpoints", tags=["delivery"])
 
-_ENCODER = msgspec.json.Encoder()
 
 Auth = Annotated[Principal, Depends(require("alerts"))]
 EndpointId = Annotated[int, Path(ge=1, description="the endpoint's id")]
@@ -52,9 +52,6 @@ def display_target(channel: str, target: str) -> str:
         return redact_url(target, keep_path=False)
     return target
 
-
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(_ENCODER.encode(body), status_code=status, media_type="application/json")
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -101,8 +98,8 @@ class EnableResult(BaseModel):
     redelivered: int = Field(description="dead notifications requeued (with ?redeliver=true)")
 
 
-def _endpoint_out(row: store.EndpointRow, now: float) -> EndpointOut:
-    secrets = row.secret_infos(now)
+def _endpoint_out(row: store.Endpoint, now: float) -> EndpointOut:
+    secrets = store.secret_infos(row, now)
     return EndpointOut.model_validate({
         "id": row.id, "channel": row.channel, "target": display_target(row.channel, row.target),
         "status": row.status(), "failing_since": row.failing_since, "last_error": row.last_error,
@@ -120,7 +117,7 @@ async def list_endpoints(request: Request, principal: Auth) -> Response:
     now = time.time()
     async with request.app.state.ctx.engine.connect() as conn:
         rows = await store.list_endpoints(conn, principal.user_id)
-    return _json(EndpointList(data=[_endpoint_out(r, now) for r in rows]).model_dump())
+    return json_response(EndpointList(data=[_endpoint_out(r, now) for r in rows]).model_dump())
 
 
 @router.post(
@@ -147,7 +144,7 @@ async def rotate_secret(endpoint_id: EndpointId, request: Request, principal: Au
         row = await _owned(conn, principal, endpoint_id)
     out = RotatedSecret(endpoint=_endpoint_out(row, now), secret=secret,
                         previous_expires_at=now + grace if had_secret and grace > 0 else None)
-    return _json(out.model_dump())
+    return json_response(out.model_dump())
 
 
 @router.post(
@@ -171,11 +168,11 @@ async def enable_endpoint(
         row = await _owned(conn, principal, endpoint_id, lock=True)
         count = await store.enable_endpoint(conn, row, now=now, redeliver=redeliver)
         row = await _owned(conn, principal, endpoint_id)
-    return _json(EnableResult(endpoint=_endpoint_out(row, now), redelivered=count).model_dump())
+    return json_response(EnableResult(endpoint=_endpoint_out(row, now), redelivered=count).model_dump())
 
 
 async def _owned(conn: AsyncConnection, principal: Principal, endpoint_id: int, *,
-                 lock: bool = False) -> store.EndpointRow:
+                 lock: bool = False) -> store.Endpoint:
     row = await store.get_endpoint(conn, principal.user_id, endpoint_id, lock=lock)
     if row is None:
         raise NotFoundError(f"no endpoint {endpoint_id}", field="id")

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from defiwatch.api.auth import require
+from defiwatch.api.responses import json_response
 from defiwatch.api.routes.endpoints import display_target, notify_settings
 from defiwatch.domain.channels import CHANNEL_TYPES
 from defiwatch.errors import DefiwatchError, NotFoundError, ValidationError
@@ -30,7 +31,6 @@ __all__ = ["NotificationStateError", "notification_out", "router"]
 
 router = APIRouter(prefix="/v1/notifications", tags=["delivery"])
 
-_ENCODER = msgspec.json.Encoder()
 _HHMM = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 
 Auth = Annotated[Principal, Depends(require("alerts"))]
@@ -132,12 +132,10 @@ def notification_out(row: store.NotificationRow) -> dict[str, Any]:
     return out
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(_ENCODER.encode(body), status_code=status, media_type="application/json")
-
 
 def _preferences_out(request: Request, prefs: endpoint_store.Preferences) -> dict[str, Any]:
     out: dict[str, Any] = msgspec.to_builtins(prefs)
+    del out["user_id"]
     out["default_max_per_minute"] = notify_settings(request).notify_max_per_minute
     return out
 
@@ -150,7 +148,7 @@ def _preferences_out(request: Request, prefs: endpoint_store.Preferences) -> dic
 async def get_preferences(request: Request, principal: Auth) -> Response:
     async with request.app.state.ctx.engine.connect() as conn:
         prefs = await endpoint_store.get_preferences(conn, principal.user_id)
-    return _json(_preferences_out(request, prefs))
+    return json_response(_preferences_out(request, prefs))
 
 
 @router.put(
@@ -185,11 +183,11 @@ async def put_preferences(body: PreferencesIn, request: Request, principal: Auth
             raise ValidationError("must be 0 (unlimited) or more",
                                   field=f"max_per_minute.{channel}")
     prefs = endpoint_store.Preferences(
-        timezone=body.timezone, quiet_start=body.quiet_start, quiet_end=body.quiet_end,
+        principal.user_id, timezone=body.timezone, quiet_start=body.quiet_start, quiet_end=body.quiet_end,
         quiet_allow_critical=body.quiet_allow_critical, max_per_minute=dict(body.max_per_minute))
     async with request.app.state.ctx.engine.begin() as conn:
-        saved = await endpoint_store.put_preferences(conn, principal.user_id, prefs, time.time())
-    return _json(_preferences_out(request, saved))
+        saved = await endpoint_store.put_preferences(conn, prefs, time.time())
+    return json_response(_preferences_out(request, saved))
 
 
 # --- the log -----------------------------------------------------------------------------------
@@ -219,7 +217,7 @@ async def list_notifications(
         rows = await store.list_notifications(
             conn, principal.user_id, status=status, channel=channel, kind=kind, rule_id=rule_id,
             alert_id=alert_id, since=since, until=until, limit=limit, before=before)
-    return _json({"data": [notification_out(r) for r in rows], "meta": {
+    return json_response({"data": [notification_out(r) for r in rows], "meta": {
         "count": len(rows), "next_before": rows[-1].id if len(rows) == limit else None}})
 
 
@@ -231,7 +229,7 @@ async def get_notification(notification_id: NotificationId, request: Request,
         row = await store.get_notification(conn, principal.user_id, notification_id)
     if row is None:
         raise NotFoundError(f"no notification {notification_id}", field="id")
-    return _json(notification_out(row))
+    return json_response(notification_out(row))
 
 
 @router.post(
@@ -256,4 +254,4 @@ async def redeliver(notification_id: NotificationId, request: Request,
             raise NotificationStateError(
                 f"notification {notification_id} is {row.status}; only delivered or dead "
                 "notifications can be redelivered", field="status")
-    return _json({"id": notification_id, "status": "pending", "next_attempt_at": now}, 202)
+    return json_response({"id": notification_id, "status": "pending", "next_attempt_at": now}, 202)
