@@ -6,6 +6,7 @@ receivers are the real ones.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 import standardwebhooks
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from defiwatch.alerts.events import alert_stream_key, event_dict
@@ -23,7 +24,7 @@ from defiwatch.notify.factory import Senders, build_senders
 from defiwatch.notify.retry import RetryPolicy
 from defiwatch.notify.senders.webpush import VapidKey
 from defiwatch.notify.worker import Notifier, NotifierConfig
-from defiwatch.store import create_engine, upgrade
+from defiwatch.store import create_engine, notifications, upgrade
 from defiwatch.store import delivery as store
 from defiwatch.store.schema import (
     alert_history,
@@ -62,7 +63,7 @@ class Outbox:
     def notifier(self, senders: Senders | None = None, **config: Any) -> Notifier:
         return Notifier(
             self.engine, senders or self.senders,
-            config=NotifierConfig(worker="test-worker", **config),
+            config=NotifierConfig(**{"worker": "test-worker", **config}),
             retry=RetryPolicy(max_attempts=3, base_delay_s=10.0, max_delay_s=100.0),
             breaker=CircuitBreaker(BreakerPolicy(failure_threshold=3, open_s=60.0)),
             alerts=self.alerts, clock=self.clock, rng=lambda: 0.5)
@@ -329,3 +330,42 @@ async def test_push_to_every_device_expands_and_a_gone_device_is_disabled(
     devices = {d["device"]: d for d in await outbox.rows(user_devices)}
     assert devices["phone"]["disabled_at"] is None
     assert devices["old-tablet"]["disabled_reason"] == "gone: the push service answered 410"
+
+
+async def test_a_redelivered_notification_is_sent_again_under_its_id(
+        outbox: Outbox, receiver: Receiver) -> None:
+    await outbox.queue(receiver.url())
+    notifier = outbox.notifier()
+    await notifier.drain()
+    [row] = await outbox.rows()
+    async with outbox.engine.begin() as conn:
+        assert await notifications.redeliver_notification(conn, row["id"], outbox.clock.now)
+    await notifier.drain()
+
+    first, again = receiver.requests
+    assert first.headers["webhook-id"] == again.headers["webhook-id"] == f"ntf_{row['id']}"
+    [row] = await outbox.rows()
+    assert (row["status"], row["attempt"], row["retry_from"]) == ("delivered", 2, 1)
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_second_notifier_waits_to_count_a_users_dispatches(outbox: Outbox) -> None:
+    """The per-minute limit is shared: a claim counts a (user, channel)'s dispatches under a
+    transaction-long advisory lock, so a second notifier counts only after the first commits."""
+    limits = {(1, "webhook"): 3}
+    async with outbox.engine.begin() as first:
+        await store.recent_dispatches(first, limits, since=0.0)
+
+        async def second() -> None:
+            async with outbox.engine.begin() as conn:
+                await store.recent_dispatches(conn, limits, since=0.0)
+
+        waiting = asyncio.create_task(second())
+        async with outbox.engine.connect() as watcher:
+            while not (await watcher.execute(text(  # the second claim is blocked on the lock
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                    "AND NOT granted"))).scalar_one():
+                assert not waiting.done()
+                await asyncio.sleep(0.01)
+        assert not waiting.done()
+    await asyncio.wait_for(waiting, 30)  # released by the first commit
