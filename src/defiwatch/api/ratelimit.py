@@ -16,36 +16,37 @@ path segment (`/dw_.../protocols`, DefiLlama Pro's key-in-path style).
 Headers on every limited response: `X-RateLimit-Limit` (requests per minute),
 `X-RateLimit-Remaining`, `X-RateLimit-Reset` (seconds until the full quota is back); a refusal
 is `429` with `Retry-After` (seconds) and the usual error body. Unauthenticated operational
-routes (/healthz, /readyz, /metrics, /docs, /openapi.json) are not limited. If Redis cannot be
-reached the request is let through and `defiwatch_ratelimit_errors_total` counts it: an outage
-of the limiter should not become an outage of the API.
+routes (/healthz, /readyz, /metrics, /docs, /openapi.json) are not limited. If Redis (or the
+database, for the key lookup) cannot be reached or does not answer within
+`DEFIWATCH_REDIS_REQUEST_TIMEOUT_S`, the request is let through, logged
+(`ratelimit.fail_open`) and counted in `defiwatch_ratelimit_fail_open_total`: an outage of the
+limiter should not become an outage of the API.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from importlib import resources
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import parse_qs
 
-import msgspec
 import redis.asyncio as aioredis
 import structlog
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from defiwatch.errors import BackendUnavailable
+from defiwatch.api.errors import send_error
+from defiwatch.api.keycache import KeyCache
+from defiwatch.errors import BackendUnavailable, RateLimited
 from defiwatch.redis_keys import RedisKeys
-from defiwatch.store.db import read_retrying
-from defiwatch.store.keys import authenticate
+from defiwatch.store.db import DATABASE_ERRORS, database_unreachable
 
 __all__ = [
     "EXEMPT_PATHS",
+    "EXEMPT_PREFIX",
     "RATE_LIMITED",
     "Decision",
     "MemoryRateStore",
@@ -61,11 +62,13 @@ log = structlog.get_logger(__name__)
 
 RATE_LIMITED = Counter("defiwatch_ratelimit_rejections_total",
                        "API requests refused with 429, by tier", ["tier"])
-LIMIT_ERRORS = Counter("defiwatch_ratelimit_errors_total",
-                       "Rate-limit checks that failed (backend unreachable); the request passed")
+FAIL_OPEN = Counter("defiwatch_ratelimit_fail_open_total",
+                    "Rate-limit checks that failed (Redis or database unreachable or too slow); "
+                    "the request passed unlimited")
 
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect",
                           "/redoc", "/openapi.json"})
+EXEMPT_PREFIX = "/docs/"  # the docs pages' own assets (api/openapi.py DOCS_STATIC_URL)
 
 _MINUTE_US = 60_000_000
 _RATE_LUA = resources.files("defiwatch.api").joinpath("lua/rate_limit.lua").read_text("utf-8")
@@ -148,7 +151,8 @@ class RedisRateStore:
             allowed, remaining, reset_us, retry_us = await self._script(
                 keys=[self._keys.rate_limit(who)], args=[_MINUTE_US // limit, _MINUTE_US])
         except (RedisError, OSError) as exc:
-            raise BackendUnavailable(f"rate limiter unreachable: {type(exc).__name__}") from exc
+            raise BackendUnavailable(
+                f"rate limiter unreachable: {type(exc).__name__}: {exc}") from exc
         return Decision(bool(allowed), limit, int(remaining), int(reset_us) / 1e6,
                         int(retry_us) / 1e6)
 
@@ -164,43 +168,40 @@ class RateLimiter:
     Args:
         engine: to look API keys up (results are remembered for `key_ttl_s`, so a busy key
             costs one database query per `key_ttl_s`, and a revoked key keeps its old budget
-            at most that long; the routes themselves still check every request).
+            at most that long; the routes themselves still check every request). The
+            lookups are `keys`, which the body gate shares.
         store: memory or Redis.
         tier_limits: requests per minute per tier name; unknown tiers get `free`'s limit.
     """
 
     def __init__(self, engine: AsyncEngine, store: RateStore, tier_limits: Mapping[str, int],
                  *, key_ttl_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self._engine = engine
+        self.keys = KeyCache(engine, ttl_s=key_ttl_s, clock=clock)
         self._store = store
         self._limits = dict(tier_limits)
-        self._key_ttl = key_ttl_s
-        self._clock = clock
-        self._keys: OrderedDict[str, tuple[float, _Caller | None]] = OrderedDict()
 
     def limit_for(self, tier: str) -> int:
         return self._limits.get(tier, self._limits.get("free", 60))
 
     async def check(self, key: str | None, client: str) -> tuple[Decision, str]:
-        """The decision for one request, and the tier it was counted under."""
+        """The decision for one request, and the tier it was counted under.
+
+        Raises:
+            BackendUnavailable: the store or the key lookup could not answer.
+        """
         caller = await self._caller(key) if key else None
         if caller is None:
             caller = _Caller(f"ip:{client}", "free")
         return await self._store.hit(caller.who, self.limit_for(caller.tier)), caller.tier
 
     async def _caller(self, key: str) -> _Caller | None:
-        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-        now = self._clock()
-        cached = self._keys.get(digest)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        principal = await read_retrying(self._engine, lambda conn: authenticate(conn, key))
-        caller = _Caller(f"key:{principal.key_id}", principal.tier) if principal else None
-        self._keys[digest] = (now + self._key_ttl, caller)
-        self._keys.move_to_end(digest)
-        while len(self._keys) > 10_000:
-            self._keys.popitem(last=False)
-        return caller
+        try:
+            principal = await self.keys.principal(key)
+        except DATABASE_ERRORS as exc:
+            if not database_unreachable(exc):
+                raise
+            raise BackendUnavailable(f"key lookup failed: {type(exc).__name__}: {exc}") from exc
+        return _Caller(f"key:{principal.key_id}", principal.tier) if principal else None
 
 
 def key_from_scope(scope: Mapping[str, Any]) -> str | None:
@@ -224,16 +225,29 @@ _ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]],
                      Callable[[MutableMapping[str, Any]], Awaitable[None]]], Awaitable[None]]
 
 
+# After a failed check, requests pass unchecked (still counted) this many seconds: during a
+# Redis stall each would otherwise wait the request timeout, and pile up on the pool.
+FAIL_OPEN_COOLDOWN_S = 1.0
+
+
 class RateLimitMiddleware:
     """Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer streaming bodies)."""
 
-    def __init__(self, app: _ASGIApp, limiter: RateLimiter) -> None:
+    def __init__(self, app: _ASGIApp, limiter: RateLimiter,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._app = app
         self._limiter = limiter
+        self._clock = clock
+        self._unchecked_until = 0.0
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
                        send: Callable[[MutableMapping[str, Any]], Awaitable[None]]) -> None:
-        if scope["type"] != "http" or scope.get("path") in EXEMPT_PATHS:
+        path = str(scope.get("path", ""))
+        if scope["type"] != "http" or path in EXEMPT_PATHS or path.startswith(EXEMPT_PREFIX):
+            await self._app(scope, receive, send)
+            return
+        if self._clock() < self._unchecked_until:
+            FAIL_OPEN.inc()
             await self._app(scope, receive, send)
             return
         client = scope.get("client")
@@ -241,22 +255,19 @@ class RateLimitMiddleware:
             decision, tier = await self._limiter.check(key_from_scope(scope),
                                                        client[0] if client else "unknown")
         except BackendUnavailable as exc:
-            LIMIT_ERRORS.inc()
-            log.warning("ratelimit.unavailable", error=exc.message)
+            FAIL_OPEN.inc()
+            self._unchecked_until = self._clock() + FAIL_OPEN_COOLDOWN_S
+            log.warning("ratelimit.fail_open", error=exc.message, path=path,
+                        unchecked_for_s=FAIL_OPEN_COOLDOWN_S)
             await self._app(scope, receive, send)
             return
         headers = decision.headers()
         if not decision.allowed:
             RATE_LIMITED.labels(tier).inc()
-            body = msgspec.json.encode({"error": {
-                "code": "rate_limited",
-                "message": f"more than {decision.limit} requests a minute for the {tier!r} tier; "
-                           f"retry after {max(1, math.ceil(decision.retry_after_s))} s",
-                "field": None, "temporary": True}})
-            await send({"type": "http.response.start", "status": 429, "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()), *headers]})
-            await send({"type": "http.response.body", "body": body})
+            retry_after = max(1, math.ceil(decision.retry_after_s))
+            await send_error(send, RateLimited(
+                f"more than {decision.limit} requests a minute for the {tier!r} tier; "
+                f"retry after {retry_after} s", retry_after=retry_after), headers)
             return
 
         async def send_with_headers(message: MutableMapping[str, Any]) -> None:

@@ -6,15 +6,17 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 __all__ = [
-    "chunks", "create_engine", "dialect_insert", "is_postgres", "on_postgres", "raw_dsn",
-    "read_retrying", "row_dict",
+    "DATABASE_ERRORS", "chunks", "create_engine", "database_unreachable", "dialect_insert",
+    "is_postgres", "on_postgres", "raw_dsn", "read_retrying", "row_dict",
 ]
 
 T = TypeVar("T")
@@ -79,6 +81,47 @@ async def read_retrying(engine: AsyncEngine, read: Callable[[AsyncConnection], A
             if not exc.connection_invalidated or attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+# What a request can raise when the database is down or dropping connections: the classes the
+# API registers its 503 handler for (`database_unreachable` then decides from the details).
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    sa_exc.DBAPIError, sa_exc.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError,
+)
+
+# asyncpg's own "cannot talk to the server" errors: SQLSTATE class 08 (connection exception),
+# 57P01-57P03 (admin or crash shutdown, cannot connect now: a restart), 53300 (too many clients).
+_ASYNCPG_UNREACHABLE: tuple[type[Exception], ...] = (
+    asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError, asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
+    asyncpg.ConnectionDoesNotExistError,
+)
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` means the database could not be reached (so retrying later may work),
+    rather than a bad statement or a bug.
+
+    True for connection refused, reset or closed, timeouts (connect, pool checkout), a server
+    shutting down or starting up, and any SQLAlchemy error whose connection was invalidated;
+    the exception, its `orig` and its causes are all looked at, since SQLAlchemy and asyncpg
+    wrap one another.
+    """
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        err = pending.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, DBAPIError) and err.connection_invalidated:
+            return True
+        if isinstance(err, (OSError, sa_exc.TimeoutError, *_ASYNCPG_UNREACHABLE)):
+            return True  # OSError covers refused/reset connections and TimeoutError
+        if isinstance(err, asyncpg.InterfaceError) and "connection" in str(err).lower():
+            return True  # "connection is closed", "... was closed in the middle of operation"
+        pending += [getattr(err, "orig", None), err.__cause__, err.__context__]
+    return False
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
