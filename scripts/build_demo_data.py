@@ -99,7 +99,8 @@ class Output:
     def point(self, metric: str, subject: str, chain: str, ts: int, value: float) -> None:
         """Add a point after the gate every source goes through (`validate_point`).
 
-        Points it would reject (upstream negatives, for instance) are counted and left out;
+        Points it would reject (non-finite or absurdly large values) are counted and left out;
+        negative values pass, as DefiLlama reports some;
         a point it would *change* means the builder forgot to normalise, which is a bug.
         """
         raw = {"metric": metric, "subject": subject, "chain": chain, "ts": ts, "value": value}

@@ -112,3 +112,23 @@ def test_protocol_diff() -> None:
     assert change is not None and change.category == ("Lending", "CDP")
     first = diff_protocol(None, old)
     assert first is not None and first.new
+
+
+def test_sign_change_is_measured_against_the_magnitude() -> None:
+    state = SeriesState()
+    DETECT.observe(state, tvl(T0, -100_000.0), now=0)
+    decision, event, _ = DETECT.observe(state, tvl(T0 + 60, 50_000.0), now=0)
+    assert decision is Decision.SIGNIFICANT and event is not None
+    assert (event.previous, event.change_abs) == (-100_000.0, 150_000.0)
+    assert event.change_pct == 150.0  # up, although the value crossed zero
+    _, down, _ = DETECT.observe(state, tvl(T0 + 120, -25_000.0), now=0)
+    assert down is not None and down.change_pct == -150.0
+
+
+def test_a_price_leaving_zero_is_significant_without_a_percentage() -> None:
+    # Prices have no absolute bound: a move from 0 has no percentage but is still a change.
+    state = SeriesState()
+    DETECT.observe(state, price(T0, 0.0), now=0)
+    decision, event, _ = DETECT.observe(state, price(T0 + 300, 0.5), now=0)
+    assert decision is Decision.SIGNIFICANT and event is not None and event.change_pct is None
+    assert run([price(T0, 0.0), price(T0 + 300, 0.0)])[1] is Decision.BELOW_THRESHOLD

@@ -63,11 +63,11 @@ async def both(pair: tuple[Served, Served], body: Any) -> tuple[Any, Any]:
 
 
 @pytest.mark.parametrize(("name", "body"), [(c[0], c[1]) for c in SNAPSHOT_CASES] + [
-    ("history buckets", {"dataset": "tvl", "group_by": ["subject", {"bucket": "1w"}],
+    ("history buckets", {"dataset": "tvl", "group_by": ["metric", "subject", {"bucket": "1w"}],
                          "aggregations": [{"op": "percentile", "field": "value", "p": 0.37},
                                           {"op": "avg", "field": "value"}],
                          "time": {"from": T0 - 20 * 86_400, "to": NOW_TS}, "limit": 500}),
-    ("monthly prices", {"dataset": "prices", "group_by": ["coin", {"bucket": "1mo"}],
+    ("monthly prices", {"dataset": "prices", "group_by": ["metric", "coin", {"bucket": "1mo"}],
                         "aggregations": [{"op": "percentile", "field": "value", "p": 0.5}]}),
 ])
 async def test_the_same_answers_on_both_databases(pair: tuple[Served, Served], name: str,
@@ -110,7 +110,7 @@ async def _counts(served: Served) -> tuple[int, ...]:
                       {"op": "percentile", "field": "tvl", "p": 0.5, "as": "p50_again"},
                       {"op": "percentile", "field": "change_24h", "p": 0.25}],
      "sort": ["-p90_tvl"]},
-    {"dataset": "tvl", "group_by": ["subject", {"bucket": "1w"}],
+    {"dataset": "tvl", "group_by": ["metric", "subject", {"bucket": "1w"}],
      "aggregations": [{"op": "percentile", "field": "value", "p": 0.37},
                       {"op": "percentile", "field": "value", "p": 0.0},
                       {"op": "percentile", "field": "value", "p": 1.0},

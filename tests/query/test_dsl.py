@@ -73,12 +73,14 @@ def test_both_shapes_normalise_to_one_query() -> None:
      lambda q: q.where == Condition("tvl", Op.GT, 1.0)),
     ({"where": {"not": {"or": [{"field": "tvl", "op": "between", "value": [1, 2]}]}}},
      lambda q: q.where == Not(Condition("tvl", Op.BETWEEN, (1, 2)))),
-    ({"dataset": "tvl", "group_by": [{"bucket": "1mo"}, "subject"],
+    ({"dataset": "tvl", "group_by": [{"bucket": "1mo"}, "subject", "metric"],
       "aggregations": [{"op": "percentile", "field": "value", "p": 0.95},
                        {"op": "count"}, {"op": "count_distinct", "field": "chain"}]},
-     lambda q: q.group_by == (GroupKey("ts", "bucket", Bucket.MONTH), GroupKey("subject", "subject"))
+     lambda q: q.group_by == (GroupKey("ts", "bucket", Bucket.MONTH), GroupKey("subject", "subject"),
+                              GroupKey("metric", "metric"))
      and [a.alias for a in q.aggregations] == ["p95_value", "count", "count_distinct_chain"]),
-    ({"dataset": "tvl", "aggregations": [{"op": "percentile", "field": "value", "p": 0.999}]},
+    ({"dataset": "tvl", "where": {"field": "metric", "op": "in", "value": ["tvl"]},
+      "aggregations": [{"op": "percentile", "field": "value", "p": 0.999}]},
      lambda q: q.aggregations[0].alias == "p99_9_value"),
     ({"dataset": "tvl", "time": {"from": 1, "to": 5}}, lambda q: (q.time_from, q.time_to) == (1, 5)),
     ({"sort": [{"field": "tvl", "order": "desc"}, "slug"]},
@@ -186,6 +188,19 @@ LIMITS = Limits(max_depth=3, max_conditions=4, max_in_values=3, max_aggregations
     ({"aggregations": [{"field": "tvl", "operation": "sum"}, {"field": "tvl",
                                                               "operation": "avg"}],
       "sort": {"field": "tvl"}}, "sort.field", "unknown output column"),  # ambiguous
+    # A median over price and mcap rows is neither: aggregates of value need one metric.
+    ({"dataset": "prices", "aggregations": [{"op": "percentile", "field": "value", "p": 0.5}]},
+     "aggregations[0].field", "mix the metrics"),
+    ({"dataset": "prices", "where": {"field": "metric", "op": "in", "value": ["mcap", "price"]},
+      "aggregations": [{"op": "count"}, {"op": "max", "field": "value"}]},
+     "aggregations[1].field", "group_by metric"),
+    ({"dataset": "tvl", "where": {"or": [{"field": "metric", "op": "eq", "value": "tvl"},
+                                         {"field": "subject", "op": "eq", "value": "aave"}]},
+      "aggregations": [{"op": "sum", "field": "value"}]}, "aggregations[0].field", "metric"),
+    # protocols.chain splits rows: row queries would list a protocol once per chain.
+    ({"select": ["slug", "chain"]}, "select", "aggregated queries only"),
+    ({"where": {"field": "chain", "op": "eq", "value": "ethereum"}}, "where", "aggregated"),
+    ({"sort": ["chain"]}, "sort", "aggregated"),
 ])
 def test_rejections_name_the_json_path(body: Any, field: str | None, words: str) -> None:
     with pytest.raises(ValidationError) as info:
@@ -193,3 +208,26 @@ def test_rejections_name_the_json_path(body: Any, field: str | None, words: str)
     assert info.value.field == field, info.value.message
     assert words in info.value.message
     assert info.value.http_status == 400
+
+
+@pytest.mark.parametrize("body", [
+    {"dataset": "prices", "where": {"field": "metric", "op": "eq", "value": "price"},
+     "aggregations": [{"op": "avg", "field": "value"}]},
+    {"dataset": "prices", "where": {"and": [{"field": "coin", "op": "eq", "value": "aave"},
+                                            {"field": "metric", "op": "in", "value": ["mcap"]}]},
+     "aggregations": [{"op": "percentile", "field": "value", "p": 0.5}]},
+    {"dataset": "tvl", "group_by": ["metric"], "aggregations": [{"op": "sum", "field": "value"}]},
+    {"dataset": "prices", "aggregations": [{"op": "count"}, {"op": "max", "field": "ts"}]},
+])
+def test_aggregates_of_one_metric_are_accepted(body: Any) -> None:
+    assert parse_query(body, LIMITS).aggregated
+
+
+@pytest.mark.parametrize("body", [
+    {"aggregations": [{"field": "tvl", "operation": "sum", "group_by": "chain"}]},  # original
+    {"group_by": ["chain"], "aggregations": [{"op": "sum", "field": "tvl"}]},  # general
+])
+def test_protocols_group_by_chain_in_both_shapes(body: Any) -> None:
+    query = parse_query(body, LIMITS)
+    assert query.group_by == (GroupKey("chain", "chain"),)
+    assert query.aggregations == (Aggregation(AggOp.SUM, "tvl", "sum_tvl"),)

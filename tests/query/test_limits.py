@@ -31,7 +31,8 @@ async def platform(settings: Settings) -> AsyncIterator[Platform]:
 
 async def test_a_slow_statement_is_a_400_and_the_service_recovers(platform: Platform) -> None:
     slow = make_service(platform, statement_timeout_ms=1)
-    body = {"dataset": "prices", "group_by": ["coin", {"bucket": "1h"}],
+    body = {"dataset": "prices", "where": {"field": "metric", "op": "eq", "value": "price"},
+            "group_by": ["coin", {"bucket": "1h"}],
             "aggregations": [{"op": "percentile", "field": "value", "p": 0.5},
                              {"op": "count_distinct", "field": "value"}], "limit": 10_000}
     before = REJECTED.labels("timeout")._value.get()

@@ -53,11 +53,19 @@ class Thresholds:
         )
         if pct is not None and change_pct is not None and abs(change_pct) >= pct:
             return True
-        return absolute is not None and abs(change_abs) >= absolute
+        if absolute is None:
+            # A move away from zero has no percentage; with no absolute bound to judge it,
+            # any move counts (otherwise a price leaving 0 would never be reported).
+            return pct is not None and change_pct is None and change_abs != 0
+        return abs(change_abs) >= absolute
 
 
 def pct_change(value: float, reference: float) -> float | None:
-    """Percent change from `reference`; None when the reference is zero (undefined, not inf)."""
+    """Percent change from `reference`; None when the reference is zero (undefined, not inf).
+
+    Relative to `|reference|`, so the sign says the direction even across zero (DefiLlama
+    reports negative TVL): -100 -> 50 is +150 %, 100 -> -50 is -150 %.
+    """
     if reference == 0:
         return None
     return (value - reference) / abs(reference) * 100.0

@@ -8,13 +8,23 @@ from typing import Any
 
 import msgspec
 
-from defiwatch.domain.series import METRICS, NO_CHAIN, SeriesKey, normalize_chain, normalize_subject
+from defiwatch.domain.series import (
+    METRICS,
+    NO_CHAIN,
+    SeriesKey,
+    name_problem,
+    normalize_chain,
+    normalize_subject,
+)
 
 __all__ = ["MAX_FUTURE_SECONDS", "MIN_TS", "Point", "PointRejection", "validate_point"]
 
 MAX_FUTURE_SECONDS = 3600  # a point more than an hour ahead of our clock is a clock or unit bug
 MIN_TS = 1_230_768_000  # 2009-01-01: nothing in DeFi is older; catches millisecond/second mix-ups
-_MAX_VALUE = 1e16  # USD; 10,000x the whole of DeFi, anything above is a unit bug
+# USD; 10,000x the whole of DeFi, anything beyond is a unit bug. Negative values are real:
+# DefiLlama reports them (a protocol's Polygon TVL of -21,442.50 in the 2024-03 /protocols),
+# and dropping them would make per-chain sums disagree with the source's totals.
+_MAX_VALUE = 1e16
 
 
 class Point(msgspec.Struct, frozen=True, gc=False):
@@ -52,9 +62,13 @@ def validate_point(
     subject = raw.get("subject")
     if not isinstance(subject, str) or not subject.strip():
         return reject("subject", "must be a non-empty string")
+    if problem := name_problem(subject):
+        return reject("subject", problem)
     chain = raw.get("chain", NO_CHAIN)
     if chain is not None and not isinstance(chain, str):
         return reject("chain", "must be a string or null")
+    if chain is not None and (problem := name_problem(chain)):
+        return reject("chain", problem)
     ts = raw.get("ts")
     if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
         return reject("ts", "must be epoch seconds (an integer)")
@@ -71,10 +85,8 @@ def validate_point(
         return reject("value", "must be a number")
     if not math.isfinite(value):
         return reject("value", "must be a finite number")
-    if value < 0:
-        return reject("value", "must not be negative")
-    if value > _MAX_VALUE:
-        return reject("value", f"is larger than {_MAX_VALUE:.0e}; check units")
+    if abs(value) > _MAX_VALUE:
+        return reject("value", f"is beyond ±{_MAX_VALUE:.0e}; check units")
     norm_subject = normalize_subject(metric, subject)
     if not norm_subject:
         return reject("subject", "has no usable characters")

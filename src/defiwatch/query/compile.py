@@ -53,6 +53,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import array as pg_array
 from sqlalchemy.sql.elements import UnaryExpression
 
+from defiwatch.domain.series import NO_CHAIN
 from defiwatch.query.dsl import (
     AggOp,
     Aggregation,
@@ -68,7 +69,8 @@ from defiwatch.query.dsl import (
     SortKey,
 )
 from defiwatch.query.fields import FieldType
-from defiwatch.store.schema import points, protocols, query_snapshot
+from defiwatch.query.index import chain_observations
+from defiwatch.store.schema import points, protocols, query_latest, query_snapshot
 
 __all__ = ["Compiled", "SortColumn", "compile_query", "sort_columns"]
 
@@ -124,9 +126,11 @@ class _Source:
                 "tvl": s.c.tvl, "ts": s.c.tvl_ts, "change_1h": s.c.change_1h,
                 "change_24h": s.c.change_24h, "change_7d": s.c.change_7d, "mcap": s.c.mcap,
             }
+            if "chain" in query.fields_used():
+                self._split_by_chain()
             self.tiebreak_name = "slug"
             self.tiebreak_expr: ColumnElement[Any] = s.c.slug
-            self.ts: ColumnElement[Any] = s.c.tvl_ts
+            self.ts: ColumnElement[Any] = self.exprs["ts"]
             self.base: list[ColumnElement[bool]] = []
             return
         pt = points
@@ -145,6 +149,21 @@ class _Source:
             self.base.append(pt.c.ts >= query.time_from)
         if query.time_to is not None:
             self.base.append(pt.c.ts < query.time_to)
+
+
+    def _split_by_chain(self) -> None:
+        """One row per protocol and chain of its newest per-chain observation, `tvl` and `ts`
+        being that chain's; a protocol never observed per chain keeps one row, chain NULL,
+        with its total (so summing `tvl` over chains loses no protocol)."""
+        s = query_snapshot
+        seen = chain_observations().subquery("o")
+        c = query_latest.alias("c")
+        self.from_ = self.from_.outerjoin(seen, seen.c.subject == s.c.slug).outerjoin(
+            c, and_(c.c.metric == "tvl", c.c.subject == s.c.slug, c.c.chain != NO_CHAIN,
+                    c.c.ts == seen.c.ts))
+        self.exprs.update(chain=c.c.chain,
+                          tvl=case((c.c.chain.is_(None), s.c.tvl), else_=c.c.value),
+                          ts=func.coalesce(c.c.ts, s.c.tvl_ts))
 
 
 def sort_columns(query: Query) -> list[SortColumn]:

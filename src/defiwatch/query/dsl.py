@@ -38,6 +38,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from defiwatch.domain.series import MAX_NAME_CHARS
+from defiwatch.domain.text import text_problem
 from defiwatch.errors import ValidationError
 from defiwatch.query.fields import DATASETS, Dataset, FieldSpec, FieldType
 
@@ -363,13 +365,14 @@ def _scalar(value: Any, spec: FieldSpec | OutputColumn, path: str, *, normalize:
         raise _fail(path, f"must be a string for field {spec.name!r}, got {_show(value)}")
     if not value or len(value) > _MAX_STRING:
         raise _fail(path, f"must be 1 to {_MAX_STRING} characters long")
-    if "\x00" in value:
-        raise _fail(path, "must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise _fail(path, "must be valid Unicode (no lone surrogates)") from exc
+    if problem := text_problem(value):
+        raise _fail(path, problem)
     if normalize and spec.normalize is not None:
+        # Slugs, coins and chains are stored at most MAX_NAME_CHARS long; normalising a longer
+        # value would cut it to some other name.
+        if len(value) > MAX_NAME_CHARS:
+            raise _fail(path, f"is longer than {MAX_NAME_CHARS} characters, the longest "
+                              f"{spec.name} stored")
         return str(spec.normalize(value))
     return value
 
@@ -650,9 +653,53 @@ def _parse_general(body: Mapping[str, Any], limits: Limits) -> Query:
     time_from, time_to = (None, None)
     if body.get("time") is not None:
         time_from, time_to = _time(body["time"], "time", ds)
+    _check_one_metric(ds, where, group_by, aggregations)
     return _assemble(body, ds, limits, budget, where=where, group_by=group_by,
                      aggregations=aggregations, time_from=time_from, time_to=time_to,
                      lenient_sort=False)
+
+
+_VALUE_AGGS = frozenset({AggOp.SUM, AggOp.AVG, AggOp.MIN, AggOp.MAX, AggOp.PERCENTILE})
+
+
+def _pins_metric(node: Node | None) -> bool:
+    """Whether `where` keeps a single metric: `metric eq m` (or `in [m]`) at its top level."""
+    if isinstance(node, BoolOp):
+        return node.kind == "and" and any(_pins_metric(n) for n in node.items)
+    if not isinstance(node, Condition) or node.field != "metric":
+        return False
+    single_in = isinstance(node.value, tuple) and len(node.value) == 1
+    return (node.op is Op.EQ and node.value is not None) or (node.op is Op.IN and single_in)
+
+
+def _check_one_metric(ds: Dataset, where: Node | None, group_by: Sequence[GroupKey],
+                      aggregations: Sequence[Aggregation]) -> None:
+    """Refuse a sum/avg/min/max/percentile of `value` across metrics: a median over `price`
+    and `mcap` rows is neither a price nor a market cap."""
+    if "metric" not in ds.fields or _pins_metric(where) or any(
+            g.field == "metric" for g in group_by):
+        return
+    for i, a in enumerate(aggregations):
+        if a.field == "value" and a.op in _VALUE_AGGS:
+            raise _fail(_join(_join("aggregations", i), "field"), (
+                f"{a.op.value} of value would mix the metrics of dataset {ds.name} "
+                f"({', '.join(sorted(ds.metrics))}); filter one with "
+                '{"field": "metric", "op": "eq", "value": ...} in where, or group_by metric'))
+
+
+def _check_split(query: Query) -> Query:
+    """Fields that split a row (`protocols.chain`) only apply to aggregated queries: a row
+    query would list a protocol once per chain."""
+    if query.aggregated:
+        return query
+    in_where: set[str] = set()
+    _collect_fields(query.where, in_where)
+    for name in sorted(f for f in query.fields_used() if query.spec.fields[f].splits):
+        path = "where" if name in in_where else "select" if name in query.select else "sort"
+        raise _fail(path, f"field {name!r} splits each protocol by chain, so it applies to "
+                          f"aggregated queries only: group_by {name}, or aggregate with a "
+                          f"condition on {name}")
+    return query
 
 
 def _assemble(
@@ -708,11 +755,11 @@ def _assemble(
         cursor = _name(body["cursor"], "cursor")
         if len(cursor) > 4096:
             raise _fail("cursor", "is too long")
-    return Query(
+    return _check_split(Query(
         dataset=ds.name, select=select, where=where, group_by=tuple(group_by),
         aggregations=tuple(aggregations), having=having, sort=tuple(sort), time_from=time_from,
         time_to=time_to, limit=limit, cursor=cursor,
-    )
+    ))
 
 
 def _resolve_sort(

@@ -6,7 +6,9 @@ SQLAlchemy column expression. Nothing a client sends becomes SQL text.
 | dataset     | rows                                                        | history |
 |-------------|-------------------------------------------------------------|---------|
 | `protocols` | one per protocol: metadata and its newest total TVL, the    | no      |
-|             | 1h/24h/7d changes of that TVL and its token's market cap     |         |
+|             | 1h/24h/7d changes of that TVL and its token's market cap;    |         |
+|             | aggregated queries that use `chain` see one row per protocol |         |
+|             | and chain instead, `tvl` being that chain's TVL              |         |
 | `tvl`       | stored points of the TVL metrics (`tvl`, `tvl_borrowed`, ... | yes     |
 |             | and `chain_tvl`), optionally with the protocol's category    |         |
 | `prices`    | stored points of `price` and `mcap` (subject `coingecko:id`)| yes     |
@@ -64,6 +66,7 @@ class FieldSpec:
     default: bool = True  # part of the projection when the query names none
     join: str | None = None
     nullable: bool = True  # False: never NULL (keyset pagination needs to know)
+    splits: bool = False  # using it splits each row (aggregated queries only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,11 @@ PROTOCOLS = Dataset(
         FieldSpec("symbol", _S, "token symbol"),
         FieldSpec("url", _S, "website", default=False),
         FieldSpec("listed_at", _I, "when DefiLlama listed it (epoch s)", default=False),
+        FieldSpec("chain", _S, "a chain the protocol's TVL is split over (aggregated queries "
+                  "only): with it, each protocol counts once per chain observed with its newest "
+                  "per-chain TVL, `tvl` and `ts` being that chain's; a protocol never observed "
+                  "per chain has chain null and its total", normalize_chain, default=False,
+                  splits=True),
         FieldSpec("tvl", _N, "newest total TVL over all chains (USD)"),
         FieldSpec("ts", _I, "observation time of that TVL (epoch s)"),
         FieldSpec("change_1h", _N, "TVL change over 1 hour (%)"),
@@ -133,7 +141,8 @@ TVL = Dataset(
 
 PRICES = Dataset(
     name="prices",
-    description="Price and market-cap history of coins (subject coingecko:{id}).",
+    description="Price and market-cap history of coins (subject coingecko:{id}); every row "
+    "says its metric, and aggregates of value need one metric (filter or group_by metric).",
     fields=_fields(
         FieldSpec("metric", _S, "price or mcap", nullable=False),
         FieldSpec("coin", _S, "coingecko:{id}; a bare id is prefixed", _coin, nullable=False),

@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 from prometheus_client import Histogram
-from sqlalchemy import Select, delete, insert, select, text, update
+from sqlalchemy import ColumnElement, Select, delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -36,7 +36,8 @@ from defiwatch.query.freshness import ChangeRow, capture, changes_since
 from defiwatch.store.db import chunks
 from defiwatch.store.schema import points, protocols, query_latest, query_refresh, query_snapshot
 
-__all__ = ["REFRESH_SECONDS", "ReadModel", "RefreshReport"]
+__all__ = ["REFRESH_SECONDS", "ReadModel", "RefreshReport", "chain_observations",
+           "window_references"]
 
 log = structlog.get_logger(__name__)
 
@@ -223,20 +224,40 @@ class ReadModel:
 
 
 
-def _tvl_with_references(slugs: Sequence[str] | None) -> Select[Any]:
-    latest = query_latest.alias("l")
-    refs = []
+def chain_observations() -> Select[Any]:
+    """Per protocol (`subject`), the newest time (`ts`) its per-chain TVL was observed.
+
+    The chains of `query_latest` stamped with that time are the protocol's current breakdown,
+    all from one observation, as in DefiLlama's /protocols; a chain last seen earlier was
+    dropped by the source. One grouped scan of the read model's `tvl` rows.
+    """
+    ql = query_latest
+    return (select(ql.c.subject, func.max(ql.c.ts).label("ts"))
+            .where(ql.c.metric == "tvl", ql.c.chain != NO_CHAIN).group_by(ql.c.subject))
+
+
+def window_references(subject: ColumnElement[Any], ts: ColumnElement[Any]
+                      ) -> list[ColumnElement[Any]]:
+    """Columns `ref_change_1h`, `ref_change_24h`, `ref_change_7d`: the protocol total that
+    each window compares with at `ts` (domain/changes.py: newest point in [ts - 1.5 W, ts - W])."""
+    refs: list[ColumnElement[Any]] = []
     for name, window in WINDOWS.items():
         r = points.alias(f"r_{name}")
         refs.append(
             select(r.c.value)
-            .where(r.c.metric == "tvl", r.c.subject == latest.c.subject, r.c.chain == NO_CHAIN,
-                   r.c.ts.between(latest.c.ts - window - window // 2, latest.c.ts - window))
+            .where(r.c.metric == "tvl", r.c.subject == subject, r.c.chain == NO_CHAIN,
+                   r.c.ts.between(ts - window - window // 2, ts - window))
             .order_by(r.c.ts.desc())
             .limit(1)
             .scalar_subquery()
             .label(f"ref_{name}")
         )
+    return refs
+
+
+def _tvl_with_references(slugs: Sequence[str] | None) -> Select[Any]:
+    latest = query_latest.alias("l")
+    refs = window_references(latest.c.subject, latest.c.ts)
     stmt = select(latest.c.subject, latest.c.ts, latest.c.value, *refs).where(
         latest.c.metric == "tvl", latest.c.chain == NO_CHAIN)
     return stmt if slugs is None else stmt.where(latest.c.subject.in_(slugs))

@@ -27,14 +27,17 @@ import bisect
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, select, text
+from sqlalchemy import and_, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from defiwatch.domain import NO_CHAIN, normalize_chain, normalize_subject
+from defiwatch.domain.changes import WINDOWS, pct_change
 from defiwatch.errors import ValidationError
 from defiwatch.query.fields import TVL_DATASET_METRICS
+from defiwatch.query.index import chain_observations, window_references
 from defiwatch.query.llama_chains import V2_CHAINS, chain_name
 from defiwatch.store.schema import points, protocols, query_latest, query_snapshot
 
@@ -110,7 +113,51 @@ def _chain_key(metric: str, chain: str) -> str:
     return f"{chain_name(chain)}-{sub}" if sub else chain_name(chain)
 
 
-def _protocol_object(meta: Any, snap: Any, chain_tvls: dict[str, float]) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class _Observed:
+    """A protocol's total TVL at its observation time, with the windowed changes there."""
+
+    tvl: float | None
+    change_1h: float | None = None
+    change_24h: float | None = None
+    change_7d: float | None = None
+
+
+def _observation_time(series: Iterable[tuple[str, str, int]], total_ts: int | None
+                      ) -> int | None:
+    """The one time a protocol's /protocols numbers describe: the newest time its per-chain
+    TVL was observed (all its current chains carry it; DefiLlama's total is their sum), else
+    its newest total's. `series`: (metric, chain, newest ts) of its tvl-family series."""
+    chain_times = [ts for metric, chain, ts in series if metric == "tvl" and chain != NO_CHAIN]
+    return max(chain_times) if chain_times else total_ts
+
+
+async def _stale_observations(conn: AsyncConnection
+                              ) -> dict[str, tuple[float | None, list[float | None]]]:
+    """Protocol -> (total, window references) at its observation time, for every protocol
+    whose newest total (the read model's snapshot) was observed at another time than its
+    chains. The total is None when none was observed then (the caller sums the chains).
+
+    Empty in steady live operation, where the poller stores the total and the chains together.
+    """
+    seen = chain_observations().subquery("o")
+    snap = query_snapshot
+    total = (select(points.c.value).where(
+        points.c.metric == "tvl", points.c.subject == seen.c.subject,
+        points.c.chain == NO_CHAIN, points.c.ts == seen.c.ts).scalar_subquery().label("total"))
+    stmt = (select(seen.c.subject, total, *window_references(seen.c.subject, seen.c.ts))
+            .select_from(seen.outerjoin(snap, snap.c.slug == seen.c.subject))
+            .where(or_(snap.c.tvl_ts.is_(None), snap.c.tvl_ts != seen.c.ts)))
+    return {r["subject"]: (_float(r["total"]), [_float(r[f"ref_{n}"]) for n in WINDOWS])
+            for r in (await conn.execute(stmt)).mappings()}
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _protocol_object(meta: Any, snap: Any, chain_tvls: dict[str, float],
+                     observed: _Observed | None) -> dict[str, Any]:
     chains = [chain_name(c) for c in (meta.chains if meta is not None else None) or []]
     slug = meta.slug if meta is not None else snap.slug
     obj: dict[str, Any] = {
@@ -123,10 +170,10 @@ def _protocol_object(meta: Any, snap: Any, chain_tvls: dict[str, float]) -> dict
         "category": _name(meta.category if meta is not None else None), "chains": chains,
         "module": "", "twitter": None, "forkedFrom": [], "oracles": [],
         "listedAt": meta.listed_at if meta is not None else None, "slug": slug,
-        "tvl": snap.tvl if snap is not None else None, "chainTvls": chain_tvls,
-        "change_1h": snap.change_1h if snap is not None else None,
-        "change_1d": snap.change_24h if snap is not None else None,
-        "change_7d": snap.change_7d if snap is not None else None,
+        "tvl": observed.tvl if observed else None, "chainTvls": chain_tvls,
+        "change_1h": observed.change_1h if observed else None,
+        "change_1d": observed.change_24h if observed else None,
+        "change_7d": observed.change_7d if observed else None,
         "tokenBreakdowns": {}, "mcap": snap.mcap if snap is not None else None,
     }
     if obj["listedAt"] is None:
@@ -137,22 +184,45 @@ def _protocol_object(meta: Any, snap: Any, chain_tvls: dict[str, float]) -> dict
     return obj
 
 
+def _snapshot_observed(snap: Any) -> _Observed | None:
+    if snap is None:
+        return None
+    return _Observed(snap.tvl, snap.change_1h, snap.change_24h, snap.change_7d)
+
+
 async def protocols_list(conn: AsyncConnection) -> list[dict[str, Any]]:
-    """GET /protocols: every protocol, largest TVL first (as DefiLlama orders it)."""
+    """GET /protocols: every protocol, largest TVL first (as DefiLlama orders it).
+
+    `tvl`, `chainTvls` and the changes of a protocol all describe one observation time (see
+    `_observation_time`), so tvl = sum of the plain chains as in DefiLlama's own answers: a
+    total observed without chains, or a chain the source stopped reporting, does not mix in.
+    """
     metas = {r.slug: r for r in await conn.execute(select(protocols))}
     snaps = {r.slug: r for r in await conn.execute(select(query_snapshot))}
-    chain_tvls: dict[str, dict[str, float]] = defaultdict(dict)
+    newest: dict[str, list[Any]] = defaultdict(list)
     stmt = select(query_latest).where(query_latest.c.metric.in_(["tvl", *_TVL_SUBMETRICS]))
     for r in await conn.execute(stmt):
-        key = _chain_key(r.metric, r.chain)
-        if key:
-            chain_tvls[r.subject][key] = float(r.value)
-    def order(slug: str) -> tuple[bool, float, str]:
-        value = snaps[slug].tvl if slug in snaps else None
-        return (value is None, -(value or 0.0), slug)
-
-    slugs = sorted(set(metas) | set(snaps), key=order)
-    return [_protocol_object(metas.get(s), snaps.get(s), chain_tvls.get(s, {})) for s in slugs]
+        newest[r.subject].append(r)
+    stale = await _stale_observations(conn)
+    objects = []
+    for slug in set(metas) | set(snaps):
+        snap = snaps.get(slug)
+        rows = newest.get(slug, [])
+        at = _observation_time(((r.metric, r.chain, r.ts) for r in rows),
+                               snap.tvl_ts if snap is not None else None)
+        chain_tvls = {_chain_key(r.metric, r.chain): float(r.value) for r in rows
+                      if r.ts == at and _chain_key(r.metric, r.chain)}
+        observed = _snapshot_observed(snap)
+        if slug in stale:
+            total, refs = stale[slug]
+            if total is None:  # DefiLlama's definition: the sum of the plain chains
+                total = sum(float(r.value) for r in rows
+                            if r.metric == "tvl" and r.chain != NO_CHAIN and r.ts == at)
+            observed = _Observed(total, *(None if ref is None else pct_change(total, ref)
+                                          for ref in refs))
+        objects.append(_protocol_object(metas.get(slug), snap, chain_tvls, observed))
+    objects.sort(key=lambda o: (o["tvl"] is None, -(o["tvl"] or 0.0), o["slug"]))
+    return objects
 
 
 async def protocol(conn: AsyncConnection, slug: str) -> dict[str, Any] | None:
@@ -166,16 +236,26 @@ async def protocol(conn: AsyncConnection, slug: str) -> dict[str, Any] | None:
         .order_by(points.c.metric, points.c.chain, points.c.ts))
     series: dict[str, list[dict[str, float | int]]] = defaultdict(list)
     total: list[dict[str, float | int]] = []
+    newest: dict[tuple[str, str], int] = {}
     for metric, chain, ts, value in rows:
         item = {"date": int(ts), "totalLiquidityUSD": float(value)}
+        newest[(metric, chain)] = int(ts)  # rows come in time order per series
         if metric == "tvl" and chain == NO_CHAIN:
             total.append(item)
         else:
             series[_chain_key(metric, chain)].append(item)
     if meta is None and snap is None and not total and not series:
         return None
-    current = {k: v[-1]["totalLiquidityUSD"] for k, v in series.items()}
-    obj = _protocol_object(meta, snap, current)
+    # Current values are those of one observation time, like /protocols (the histories stay
+    # whole): a chain the source stopped reporting is not current.
+    at = _observation_time(((m, c, ts) for (m, c), ts in newest.items()),
+                           int(total[-1]["date"]) if total else None)
+    current = {}
+    for key, items in series.items():
+        last = next((x for x in reversed(items) if x["date"] <= (at or 0)), None)
+        if last is not None and last["date"] == at:
+            current[key] = float(last["totalLiquidityUSD"])
+    obj = _protocol_object(meta, snap, current, None)
     for key in ("chainTvls", "tvl", "change_1h", "change_1d", "change_7d", "tokenBreakdowns"):
         obj.pop(key, None)
     obj.update({
