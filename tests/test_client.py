@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import pytest
 
 from defiwatch.app import Platform, open_platform
 from defiwatch.client import Message, RealtimeClient, Subscription
 from defiwatch.config import Settings
 from defiwatch.gateway import Gateway
 from defiwatch.store.keys import create_key
+from stream.redis_loss import lose_redis_data
 
 T0 = 1_710_115_200
 
@@ -69,6 +71,46 @@ async def test_client_recovers_across_a_gateway_restart(settings: Settings,
         finally:
             await first.stop()
             await second.stop()
+
+
+@pytest.mark.parametrize("settings", ["production"], indirect=True)
+async def test_client_follows_the_stream_into_a_new_epoch(settings: Settings, redis_url: str,
+                                                          timeout_factor: float) -> None:
+    """Redis loses its data under a connected client: the gateway closes it (1012), the client
+    resubscribes with its old position and epoch, and the new stream's events, whose offsets
+    restart at 1, are delivered (not dropped as already seen), with a gap for what was lost."""
+    settings = settings.model_copy(update={"gateway_port": 0})
+    async with open_platform(settings) as p:
+        async with p.engine.begin() as conn:
+            key, _ = await create_key(conn, user="carol", tier="pro", scopes=["read"],
+                                      tiers=list(settings.tiers))
+        gateway = Gateway(settings=settings, engine=p.engine, stream=p.stream, cache=p.cache,
+                          alerts=p.alerts)
+        await gateway.start()
+        try:
+            client = RealtimeClient([gateway.url], key, [Subscription("tvl_changes")], since=0)
+            async with client:
+                messages = aiter(client)
+                await ingest_days(p, 0, 4)  # offsets 1, 2, 3
+                before = await next_events(messages, 3, 20 * timeout_factor)
+                old_epoch = client.epoch
+                await lose_redis_data(redis_url, settings.redis_prefix)
+                await ingest_days(p, 4, 2)  # offsets 1 and 2 of the new stream
+                got: list[Message] = []
+                async with asyncio.timeout(30 * timeout_factor):
+                    async for message in messages:
+                        got.append(message)
+                        if message.type == "gap":
+                            break
+            assert [m.offset for m in before] == [1, 2, 3]
+            events = [m for m in got if m.type == "event"]
+            assert [(m.offset, m.data["ts"]) for m in events] == [
+                (1, T0 + 4 * 86_400), (2, T0 + 5 * 86_400)]
+            assert got[-1] == Message("gap", "tvl_changes")
+            assert client.epoch not in (None, old_epoch)
+            assert client.last_offset == 2
+        finally:
+            await gateway.stop()
 
 
 async def test_a_bad_key_ends_iteration_with_an_auth_error(settings: Settings) -> None:

@@ -11,6 +11,12 @@ resubscribes, and recovers from the last offset it delivered: missed events arri
 is delivered twice. When the gateway can no longer recover the gap (it was trimmed, or the
 stream restarted), the iterator yields a `gap` message followed by `latest` values, so a caller
 is never silently left with a hole.
+
+A position is an offset *in one epoch* of a stream (the welcome frame names it). When Redis lost
+its data the stream starts again at offset 1 under a new epoch: the client then resubscribes with
+its old position and epoch, the gateway replays the new stream from its start, and the client
+starts counting offsets afresh, so the new stream's events are delivered rather than dropped as
+"already seen".
 """
 
 from __future__ import annotations
@@ -60,6 +66,33 @@ class Message(msgspec.Struct, frozen=True):
     data: Any = None
 
 
+class _Position:
+    """Where the caller is in one stream: the epoch its offsets belong to (None until a welcome
+    named it) and the newest offset delivered (None: none yet, and no `since` was given)."""
+
+    __slots__ = ("epoch", "offset")
+
+    def __init__(self, offset: int | None) -> None:
+        self.epoch: str | None = None
+        self.offset = offset
+
+
+class _Epoch(msgspec.Struct, frozen=True):
+    """Queued at each welcome, in order with the events: the epoch of a stream (`stream` or
+    `alerts_stream`, the welcome's keys) on this connection."""
+
+    stream: str
+    epoch: str
+
+
+_EVENTS, _ALERTS = "stream", "alerts_stream"  # the welcome's names of the two streams
+
+
+def _stream_of(channel: str) -> str:
+    # The private `alerts` channel reads a stream of its own, with offsets of its own.
+    return _ALERTS if channel == "alerts" else _EVENTS
+
+
 class _Closed(Exception):
     def __init__(self, code: int | None, reason: str) -> None:
         super().__init__(f"closed with {code}: {reason}")
@@ -98,13 +131,13 @@ class RealtimeClient:
         self._urls = list(urls)
         self._key = api_key
         self._subscriptions = list(subscriptions)
-        self._last_offset = since
-        # The private `alerts` channel reads a stream of its own, with offsets of its own.
-        self._last_alert_offset: int | None = since
+        # Per stream, owned by the iterator (`_messages`): it advances as events are delivered.
+        self._positions = {_EVENTS: _Position(since), _ALERTS: _Position(since)}
         self._max_backoff_s = max_backoff_s
         self._open_timeout_s = open_timeout_s
         self._ssl = ssl
-        self._queue: asyncio.Queue[Message | BaseException] = asyncio.Queue(maxsize=10_000)
+        self._queue: asyncio.Queue[Message | _Epoch | BaseException] = asyncio.Queue(
+            maxsize=10_000)
         self._task: asyncio.Task[None] | None = None
         self.reconnects = 0
         self.welcome: dict[str, Any] | None = None
@@ -113,11 +146,16 @@ class RealtimeClient:
     def last_offset(self) -> int | None:
         """The newest event-stream offset delivered to the caller (resume point on reconnect);
         the `alerts` channel has its own, `last_alert_offset`."""
-        return self._last_offset
+        return self._positions[_EVENTS].offset
 
     @property
     def last_alert_offset(self) -> int | None:
-        return self._last_alert_offset
+        return self._positions[_ALERTS].offset
+
+    @property
+    def epoch(self) -> str | None:
+        """The event stream's epoch `last_offset` belongs to (None before the first welcome)."""
+        return self._positions[_EVENTS].epoch
 
     async def __aenter__(self) -> RealtimeClient:
         self._task = asyncio.create_task(self._run(), name="defiwatch-client")
@@ -144,17 +182,28 @@ class RealtimeClient:
             item = await self._queue.get()
             if isinstance(item, BaseException):
                 raise item
+            if isinstance(item, _Epoch):
+                self._enter_epoch(item)
+                continue
             if item.type == "event":
                 # Offsets are delivered in order on a connection; a replay after a reconnect
                 # may overlap what was already delivered: drop that, deliver each event once.
-                last = self._last_alert_offset if item.channel == "alerts" else self._last_offset
-                if last is not None and item.offset <= last:
+                position = self._positions[_stream_of(item.channel)]
+                if position.offset is not None and item.offset <= position.offset:
                     continue
-                if item.channel == "alerts":
-                    self._last_alert_offset = item.offset
-                else:
-                    self._last_offset = item.offset
+                position.offset = item.offset
             yield item
+
+    def _enter_epoch(self, mark: _Epoch) -> None:
+        """Follow a stream into a new epoch: its offsets start again, so the position restarts
+        at 0 (everything in the new stream is news). Done here, in order with the events, so
+        no event of the old epoch is compared with offsets of the new one."""
+        position = self._positions[mark.stream]
+        if position.epoch is not None and position.epoch != mark.epoch:
+            log.warning("stream.epoch_changed", stream=mark.stream, old_epoch=position.epoch,
+                        epoch=mark.epoch, last_offset=position.offset)
+            position.offset = 0
+        position.epoch = mark.epoch
 
     async def _run(self) -> None:
         delay = 0.1
@@ -194,6 +243,9 @@ class RealtimeClient:
             if welcome.get("type") != "welcome":
                 raise _Closed(None, f"expected a welcome frame, got {welcome.get('type')!r}")
             self.welcome = welcome
+            for stream in (_EVENTS, _ALERTS):
+                if isinstance(info := welcome.get(stream), dict) and info.get("epoch"):
+                    await self._queue.put(_Epoch(stream, str(info["epoch"])))
             await self._subscribe_all(ws)
             while True:
                 await self._dispatch(await self._recv(ws))
@@ -205,9 +257,13 @@ class RealtimeClient:
                 frame["filter"] = sub.filter
             if sub.max_rate_ms is not None:
                 frame["max_rate_ms"] = sub.max_rate_ms
-            since = self._last_alert_offset if sub.channel == "alerts" else self._last_offset
-            if since is not None:
-                frame["since"] = since
+            # The iterator's position: if it has not yet taken in a new epoch, the gateway sees
+            # the old one and replays the restarted stream from its start.
+            position = self._positions[_stream_of(sub.channel)]
+            if position.offset is not None:
+                frame["since"] = position.offset
+                if position.epoch is not None:
+                    frame["epoch"] = position.epoch
             await ws.send(msgspec.json.encode(frame).decode())
 
     async def _dispatch(self, frame: dict[str, Any]) -> None:

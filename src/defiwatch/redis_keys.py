@@ -17,6 +17,8 @@ deployment's stream is a single ordered log that could not be split across nodes
 | `{p}{stream}:last`   | hash   | `str(series)` -> `"{ts} {value}"` of its last event     |
 | `{p}{stream}:epoch`  | string | random id of this life of the stream (SET NX)           |
 | `{p}cache:latest`    | hash   | `str(series)` -> msgspec JSON of its `Latest`           |
+| `{p}cache:filled`    | string | set once the cache was rebuilt from the database; gone  |
+|                      |        | with the data (processor/fill.py refills when missing)  |
 | `{p}query:result:{h}`| string | a cached query answer (msgpack), TTL query_cache_ttl_s  |
 | `{p}ratelimit:{who}` | string | GCRA theoretical arrival time (µs) of a key or client IP|
 """
@@ -61,6 +63,10 @@ class RedisKeys:
     @property
     def cache_latest(self) -> str:
         return f"{self.prefix}cache:latest"
+
+    @property
+    def cache_filled(self) -> str:
+        return f"{self.prefix}cache:filled"
 
     # Query result cache (query/cache.py): `digest` is the hash of the normalised query.
     def query_result(self, digest: str) -> str:

@@ -156,6 +156,12 @@ async def test_ping(cache: HotCache) -> None:
     await cache.ping()
 
 
+async def test_filled_until_marked(cache: HotCache) -> None:
+    assert await cache.filled() is False
+    await cache.mark_filled()
+    assert await cache.filled() is True
+
+
 async def test_metrics_count_written_and_stale(cache: HotCache) -> None:
     labels = {"backend": "memory" if isinstance(cache, MemoryHotCache) else "redis"}
 

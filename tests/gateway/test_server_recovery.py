@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from defiwatch.config import Settings
 from gateway.rig import DAY, T0, embedded_settings, open_rig, point, synthetic
+from stream.redis_loss import lose_redis_data
 
 
 async def test_since_replays_what_was_missed_then_goes_live(both: Settings) -> None:
@@ -97,18 +100,65 @@ async def test_a_gateway_that_falls_behind_the_stream_closes_everyone_with_1012(
         assert (await again.event())["offset"] == 301
 
 
-async def test_another_epoch_or_a_future_offset_is_not_recoverable(both: Settings) -> None:
+async def test_an_earlier_epoch_replays_the_restarted_stream_from_its_start(
+        both: Settings) -> None:
+    """A `since` of another life of the stream (Redis lost its data): everything the new
+    stream holds came after the fault, so all of it is replayed, with `recovered: false`, and
+    `latest` carries only the series the replay did not cover."""
+    async with open_rig(both) as rig:
+        key, _ = await rig.key()
+        await rig.ingest([point("aave", T0, 1e9), point("aave", T0, 5e8, chain="Base")])
+        new = await rig.ingest([point("aave", T0 + DAY, 1.1e9)])
+        assert [e.chain for e in new] == ["ethereum"]
+        client = await rig.connect(key)
+        ack = await client.request({"type": "subscribe", "channel": "protocol:aave",
+                                    "since": 4_000, "epoch": "an-earlier-life"})
+        assert (ack["recovered"], ack["replayed"]) == (False, 1)
+        assert [f["offset"] for f in client.pending] == [new[0].offset]
+        client.pending = []
+        latest = await client.recv()
+        assert latest["type"] == "latest"
+        assert [(x["chain"], x["value"]) for x in latest["data"]] == [("base", 5e8)]
+        (live,) = await rig.ingest([point("aave", T0 + 2 * DAY, 1.3e9)])
+        assert (await client.event())["offset"] == live.offset
+
+
+async def test_a_future_offset_without_epoch_is_a_restarted_stream(both: Settings) -> None:
     async with open_rig(both) as rig:
         key, _ = await rig.key()
         await rig.platform.stream.publish([synthetic(1), synthetic(2)])
         client = await rig.connect(key)
-        ack = await client.request({"type": "subscribe", "channel": "protocol:aave", "since": 0,
-                                    "epoch": "an-earlier-life"})
-        assert (ack["recovered"], ack["replayed"]) == (False, 0)
-        assert (await client.recv())["type"] == "latest"
         ack = await client.request({"type": "subscribe", "channel": "tvl_changes", "since": 99})
-        assert ack["recovered"] is False
+        assert (ack["recovered"], ack["replayed"]) == (False, 2)
+        assert [f["offset"] for f in client.pending] == [1, 2]
+        client.pending = []
         assert (await client.recv())["type"] == "latest"
+
+
+@pytest.mark.parametrize("settings", ["production"], indirect=True)
+async def test_readers_close_everyone_when_redis_loses_the_stream(
+        both: Settings, redis_url: str) -> None:
+    """The stream restarts under a new epoch and grows past the reader's position before the
+    reader wakes: offsets alone look like a continuation; the epoch check closes everyone with
+    1012, and a resubscribe with the old position gets the whole new stream."""
+    async with open_rig(both) as rig:
+        key, _ = await rig.key()
+        await rig.platform.stream.publish([synthetic(i) for i in range(1, 3)])
+        client = await rig.connect(key)
+        await client.subscribe("tvl_changes")
+        (e3,) = await rig.platform.stream.publish([synthetic(3)])
+        assert (await client.event())["offset"] == e3.offset
+        epoch = client.welcome["stream"]["epoch"]
+        await lose_redis_data(redis_url, both.redis_prefix)
+        fresh = await rig.platform.stream.publish([synthetic(i) for i in range(10, 15)])
+        assert [e.offset for e in fresh] == [1, 2, 3, 4, 5]
+        assert await client.close_code() == 1012
+        again = await rig.connect(key)
+        assert again.welcome["stream"]["epoch"] != epoch
+        ack = await again.request({"type": "subscribe", "channel": "tvl_changes",
+                                   "since": e3.offset, "epoch": epoch})
+        assert (ack["recovered"], ack["replayed"]) == (False, 5)
+        assert [f["data"]["value"] for f in again.pending] == [10, 11, 12, 13, 14]
 
 
 async def test_alerts_recovery_replays_only_the_users_own(both: Settings) -> None:

@@ -28,6 +28,7 @@ class MemoryHotCache:
     def __init__(self) -> None:
         self._latest: dict[SeriesKey, Latest] = {}
         self._metrics = PutRecorder(_BACKEND)
+        self._filled = False  # this process's memory: empty, and unfilled, at start
 
     async def put_latest(self, items: Sequence[Latest]) -> None:
         """Store each item unless its series already holds a newer `ts`.
@@ -69,6 +70,12 @@ class MemoryHotCache:
         ]
         matches.sort(key=lambda pair: pair[0])
         return [latest for _, latest in matches[:limit]]
+
+    async def filled(self) -> bool:
+        return self._filled
+
+    async def mark_filled(self) -> None:
+        self._filled = True
 
     async def ping(self) -> None:
         """Always reachable: it is this process."""

@@ -53,7 +53,9 @@ class RedisHotCache:
 
     def __init__(self, client: aioredis.Redis, *, prefix: str) -> None:
         self._client = client
-        self._key = RedisKeys(prefix).cache_latest
+        keys = RedisKeys(prefix)
+        self._key = keys.cache_latest
+        self._filled_key = keys.cache_filled
         self._put_script = client.register_script(_PUT_LATEST_LUA)
         self._encoder = msgspec.json.Encoder()
         self._decoder = msgspec.json.Decoder(Latest)
@@ -120,6 +122,25 @@ class RedisHotCache:
                 matches.append(latest)
         matches.sort(key=lambda latest: latest.series)
         return matches[:limit]
+
+    async def filled(self) -> bool:
+        """Whether the refill marker is there (it goes with the data on a FLUSHALL or a restart
+        without persistence).
+
+        Raises:
+            BackendUnavailable: Redis could not be reached.
+        """
+        with redis_unavailable("cache.filled"):
+            return bool(await self._client.exists(self._filled_key))
+
+    async def mark_filled(self) -> None:
+        """Set the refill marker.
+
+        Raises:
+            BackendUnavailable: Redis could not be reached.
+        """
+        with redis_unavailable("cache.mark_filled"):
+            await self._client.set(self._filled_key, "1")
 
     async def ping(self) -> None:
         """Raises BackendUnavailable if Redis does not answer a PING."""

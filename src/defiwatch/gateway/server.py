@@ -72,6 +72,7 @@ from defiwatch.gateway.protocol import (
     parse_client_frame,
 )
 from defiwatch.gateway.session import Session
+from defiwatch.ops import health
 from defiwatch.store.keys import Principal
 from defiwatch.stream import EventStream
 
@@ -637,14 +638,24 @@ class Gateway:
         (or, should a cancellation get lost in the Redis client, until `_stopping`)."""
         delay = _RETRY_MIN_S
         rlog = self._log.bind(stream=name)
+        epoch: str | None = None
+        check_first = True  # at start, and after a failure or a gap: before blocking again
         while not self._stopping:
             try:
+                if check_first:
+                    position, epoch = await self._check_epoch(stream, name, position, epoch)
+                    check_first = False
                 await stream.wait(position, _WAIT_S)
+                # Again after every wake-up, before reading: a new stream that already grew
+                # past `position` would otherwise pass for the continuation of the old one.
+                position, epoch = await self._check_epoch(stream, name, position, epoch)
                 while not self._stopping:
                     page = await stream.read(position, _READ_BATCH)
                     if page.gap:
                         position = self._on_gap(name, position, page.first_offset,
                                                 page.last_offset)
+                        # Everyone was closed: learn the (maybe new) epoch, close no one again.
+                        epoch, check_first = None, True
                         continue
                     fanout = 0
                     for event in page.events:
@@ -657,16 +668,42 @@ class Gateway:
                     if len(page.events) < _READ_BATCH:
                         break
                 delay = _RETRY_MIN_S
+                health.beat("gateway", idle_s=_WAIT_S)
             except asyncio.CancelledError:
                 raise
             except BackendUnavailable as exc:
                 rlog.warning("gateway.reader_unavailable", error=exc.message, retry_in_s=delay)
+                health.beat("gateway", error=exc.message, idle_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
-            except Exception:
+                check_first = True
+            except Exception as exc:
                 rlog.exception("gateway.reader_failed", retry_in_s=delay)
+                health.beat("gateway", error=str(exc), idle_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
+                check_first = True
+
+    async def _check_epoch(self, stream: EventStream, name: str, position: int,
+                           known: str | None) -> tuple[int, str]:
+        """Compare the stream's epoch with the one the reader knows; return (position, epoch).
+
+        After Redis lost its data (a restart without it, a FLUSHALL) the stream starts again at
+        offset 1 under a new epoch. Offsets alone show that only once a read finds `position`
+        beyond the newest offset, and not at all once the new stream has grown past it; and a
+        blocking wait at an old position would sleep until it did. So the epoch is checked
+        after each wake-up and, after a failure, before blocking again (one GET each), and a
+        new one is a gap: every connection is closed with 1012 and recovers with `since` and
+        `epoch`.
+        """
+        epoch = await stream.epoch()
+        if known is None or epoch == known:
+            return position, epoch
+        self._log.warning("stream.epoch_changed", stream=name, position=position,
+                          old_epoch=known, epoch=epoch)
+        metrics.READER_GAPS.labels(name).inc()
+        self._close_all(CloseCode.SERVICE_RESTART, f"{name} stream restarted")
+        return 0, epoch
 
     def _on_gap(self, name: str, position: int, first: int, last: int) -> int:
         """The reader lost events (it fell behind retention) or the stream restarted: every

@@ -4,6 +4,8 @@ A `Session` turns client messages into hub subscriptions, acks and errors (proto
 parsing), enforces the tier's per-connection limits, and runs recovery: a subscribe with `since`
 replays the missed events of the channel from the stream's retention (`recovered: true`), or,
 when they are gone, sends the channel's current values from the hot cache (`recovered: false`).
+A `since` of an earlier life of the stream (Redis lost its data) replays the new stream from its
+start, then the current values of the series that replay did not cover (`recovered: false`).
 
 The transport is an `Output`: something that queues frames in order without blocking and can be
 closed with a code. server.py provides one over `websockets`; a Socket.IO adapter can provide
@@ -14,14 +16,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from defiwatch.cache import HotCache
 from defiwatch.config import TierLimits
-from defiwatch.domain import Latest
+from defiwatch.domain import Latest, SeriesKey
 from defiwatch.errors import BackendUnavailable
 from defiwatch.gateway import metrics
 from defiwatch.gateway.auth import REQUIRED_SCOPE, admit
@@ -221,8 +223,8 @@ class Session:
         sub = self._hub.subscribe(self._output, channel, filter=command.filter,
                                   max_rate_ms=command.max_rate_ms, user_id=user_id, hold=True)
         try:
-            recovered, replayed = await self._replay(sub, command)
-            latest = None if recovered else await self._latest(channel, command.filter)
+            recovered, replayed, covered = await self._replay(sub, command)
+            latest = None if recovered else await self._latest(channel, command.filter, covered)
         except BackendUnavailable as exc:
             self._hub.unsubscribe(self._output, channel.name)
             self._reject(Rejection(ErrorCode.BACKEND_UNAVAILABLE, exc.message, None, command.id,
@@ -242,42 +244,73 @@ class Session:
         self._log.debug("gateway.recovered", channel=channel.name, since=command.since,
                         recovered=recovered, replayed=replayed)
 
-    async def _replay(self, sub: Subscription, command: Subscribe) -> tuple[bool, int]:
-        """Replay events after `since` into `sub`; return (recovered, frames replayed)."""
+    async def _replay(self, sub: Subscription, command: Subscribe) -> _Replay:
+        """Replay events after `since` into `sub` (see `_Replay` for what is returned).
+
+        A `since` of an earlier life of the stream (another `epoch`, or beyond the newest
+        offset when no epoch is given: Redis lost its data and the stream began again) cannot
+        be resumed: everything the restarted stream still holds was published after the fault,
+        so it is all replayed, with `recovered: false` for what was lost with the old stream.
+        """
         channel = command.channel
         stream = self._alerts if channel.kind is ChannelKind.ALERTS else self._events
         if stream is None:
-            return False, 0
-        if command.epoch is not None and command.epoch != await stream.epoch():
-            return False, 0  # `since` is an offset of an earlier life of the stream
-        position = command.since or 0
+            return _Replay(False, 0, frozenset())
+        restarted = command.epoch is not None and command.epoch != await stream.epoch()
+        position = 0 if restarted else command.since or 0
         replayed = 0
+        covered: set[SeriesKey] = set()
+        first = True
         while not self._output.closed:
             page = await stream.read(position, self._replay_page)
-            if page.gap:
+            if first and position > page.last_offset:
+                restarted, position = True, 0
+                continue
+            if page.gap and not (first and restarted):
                 # Trimmed before we got there (first page) or while we read (a later page, if
-                # the client is slower than the stream's retention): either way a hole.
-                return False, replayed
+                # the client is slower than the stream's retention): either way a hole. (A
+                # restarted stream's first page may start after a trim: all of it is new.)
+                return _Replay(False, replayed, frozenset())
+            first = False
             for event in page.events:
                 if channel_matches(channel, event, sub.user_id) and sub.replay(
                         event, self._hub.frame(channel.name, event)):
                     replayed += 1
+                    covered.add(event.series)
             if not page.events or page.events[-1].offset >= page.last_offset:
                 break
             position = page.events[-1].offset
             await self._output.drained()
-        return True, replayed
+        if restarted:
+            self._log.info("stream.epoch_changed", channel=channel.name, since=command.since,
+                           epoch=command.epoch, replayed=replayed)
+            return _Replay(False, replayed, frozenset(covered))
+        return _Replay(True, replayed, frozenset())
 
-    async def _latest(self, channel: Channel, flt: Filter | None) -> tuple[list[Latest], bool]:
+    async def _latest(self, channel: Channel, flt: Filter | None,
+                      covered: frozenset[SeriesKey]) -> tuple[list[Latest], bool]:
+        """The channel's current values from the hot cache, but for the `covered` series (a
+        restarted stream's replay just sent them)."""
         items: list[Latest] = []
         truncated = False
         for metric, subject, chain in latest_query(channel):
             found = await self._cache.get_latest(metric, subject, chain, LATEST_LIMIT)
             truncated = truncated or len(found) >= LATEST_LIMIT
-            items += [item for item in found if latest_belongs(channel, item, flt)]
+            items += [item for item in found
+                      if item.series not in covered and latest_belongs(channel, item, flt)]
         if len(items) > LATEST_LIMIT:
             items, truncated = items[:LATEST_LIMIT], True
         return items, truncated
+
+
+class _Replay(NamedTuple):
+    """What a recovery replay did: whether the client's position was resumed without a hole
+    (`recovered`), the event frames it sent, and, after a stream restart, the series those
+    covered (their `latest` values are not sent again)."""
+
+    recovered: bool
+    replayed: int
+    covered: frozenset[SeriesKey]
 
 
 async def _position(stream: EventStream) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from defiwatch.cache import HotCache
@@ -29,6 +31,8 @@ from defiwatch.domain import (
 )
 from defiwatch.domain.changes import WINDOWS
 from defiwatch.errors import DefiwatchError
+from defiwatch.ops import health
+from defiwatch.processor.fill import CacheFiller
 from defiwatch.processor.wakeup import Wakeup
 from defiwatch.store.changelog import ChangeRow, Cursor, load_cursor, read_changes, save_cursor
 from defiwatch.store.points import load_history
@@ -65,6 +69,8 @@ class Processor:
         batch: change_log rows per batch.
         poll_s: seconds between polls when no wake-up arrives (catches direct SQL writes on
             SQLite, where there is no NOTIFY).
+        filler: rebuilds the hot cache from the database at start and whenever the cache lost
+            its data (checked before each drain); None: never.
     """
 
     def __init__(
@@ -78,6 +84,7 @@ class Processor:
         name: str = "main",
         batch: int = 5_000,
         poll_s: float = 1.0,
+        filler: CacheFiller | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._engine = engine
@@ -89,6 +96,7 @@ class Processor:
         self._batch = batch
         self._poll_s = poll_s
         self._clock = clock
+        self._filler = filler
         self._states: dict[SeriesKey, SeriesState] = {}
         self._cursor: Cursor | None = None
 
@@ -97,10 +105,14 @@ class Processor:
         delay = 0.5
         while not stop.is_set():
             try:
+                if self._filler is not None:
+                    await self._filler.check()
                 await self.drain()
                 delay = 0.5
-            except (DefiwatchError, OSError, ConnectionError) as exc:
-                log.warning("processor.batch_failed", error=str(exc), retry_in_s=delay)
+            except (DefiwatchError, SQLAlchemyError, RedisError, OSError, ConnectionError) as exc:
+                log.warning("processor.batch_failed", error=str(exc),
+                            error_type=type(exc).__name__, retry_in_s=delay)
+                health.beat("processor", error=str(exc), idle_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
                 continue
@@ -112,6 +124,7 @@ class Processor:
         while True:
             count = await self.process_batch()
             total += count
+            health.beat("processor", idle_s=self._poll_s)
             if count < self._batch:
                 return total
 

@@ -16,7 +16,8 @@ Guarantees (tests/stream/test_group.py runs them against both backends):
 - An entry trimmed from the stream's retention before it was processed comes back with
   `event=None`; ack it (it is lost; counted in `defiwatch_stream_group_lost_total`).
 
-Redis: XREADGROUP / XACK / XAUTOCLAIM on the stream's own key (no key of our own). Memory: the
+Redis: XREADGROUP / XACK / XAUTOCLAIM on the stream's own key (no key of our own). A group Redis
+lost (FLUSHALL, restart without data) is recreated where this worker left off (RedisStreamGroup). Memory: the
 embedded deployment's one process; a plain position and a dict of pending entries, on the stream's
 event loop, so no lock (the same reasoning as stream/memory.py).
 """
@@ -24,8 +25,8 @@ event loop, so no lock (the same reasoning as stream/memory.py).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -36,7 +37,7 @@ from prometheus_client import Counter
 from defiwatch.domain import Event
 from defiwatch.redis_keys import STREAM_ENTRY_FIELD, RedisKeys
 from defiwatch.stream.base import EventStream
-from defiwatch.stream.redis import redis_unavailable
+from defiwatch.stream.redis import redis_unavailable, stream_epoch
 
 __all__ = ["Delivery", "MemoryStreamGroup", "RedisStreamGroup", "StreamGroup"]
 
@@ -44,10 +45,17 @@ log = structlog.get_logger(__name__)
 
 GROUP_DELIVERED = Counter("defiwatch_stream_group_delivered_total",
                           "Entries handed to a group consumer, by how", ["backend", "how"])
+GROUP_RECREATED = Counter("defiwatch_stream_group_recreated_total",
+                          "Consumer groups recreated after Redis lost them (NOGROUP)", ["backend"])
 GROUP_LOST = Counter("defiwatch_stream_group_lost_total",
                      "Pending entries trimmed from the stream before they were acked", ["backend"])
 
 Start = Literal["latest", "earliest"]
+T = TypeVar("T")
+
+# Replies meaning Redis lost the group: a command on it (NOGROUP), or a read blocked while its
+# stream was deleted (UNBLOCKED).
+_GROUP_LOST = ("NOGROUP", "UNBLOCKED")
 
 
 class Delivery(msgspec.Struct, frozen=True):
@@ -188,6 +196,14 @@ def _text(raw: bytes | str) -> str:
 class RedisStreamGroup:
     """A consumer group over the Redis event stream (stream/redis.py), with XREADGROUP.
 
+    Redis can lose the group under a running worker (a FLUSHALL, a restart without data): every
+    command then fails with NOGROUP (or a blocked read with UNBLOCKED). The group is recreated
+    on the spot and the command retried, starting where this worker's acknowledgements left
+    off: at the last offset it acked when the stream is the same life (epoch) as before, at
+    the start when the stream itself was lost, since every event of a new stream was published
+    after the fault. Re-delivery is harmless (consumers are idempotent, see the module
+    docstring); a group started at `$` would skip what was published while workers were down.
+
     Args:
         client: a `redis.asyncio.Redis`, owned by the caller. Its `socket_timeout` bounds each
             blocking read, which is shortened to fit (as in stream/redis.py).
@@ -213,7 +229,8 @@ class RedisStreamGroup:
         self.consumer = consumer
         self._client = client
         self._group = group
-        self._key = RedisKeys(prefix, name).stream_events
+        self._keys = RedisKeys(prefix, name)
+        self._key = self._keys.stream_events
         self._decoder = msgspec.json.Decoder(Event)
         socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
         self._max_block_s: float | None = (
@@ -221,20 +238,59 @@ class RedisStreamGroup:
             else float(socket_timeout) - min(1.0, float(socket_timeout) / 2)
         )
         self._ensured = False
+        self._epoch: str | None = None  # the stream's life the group was ensured in
+        self._acked = 0  # the newest offset this consumer acknowledged in that life
 
     async def ensure(self, start: Start = "latest") -> None:
         """XGROUP CREATE ... MKSTREAM; an existing group is left as it is."""
         if self._ensured:
             return
+        epoch = await stream_epoch(self._client, self._keys)
+        if await self._create("$" if start == "latest" else "0"):
+            log.info("stream.group.created", group=self._group, start=start)
+        self._epoch, self._ensured = epoch, True
+
+    async def _create(self, start_id: str) -> bool:
+        """XGROUP CREATE at `start_id`; False if the group exists (another worker made it)."""
         with redis_unavailable("stream.group.ensure"):
             try:
-                await self._client.xgroup_create(
-                    self._key, self._group, id="$" if start == "latest" else "0", mkstream=True)
-                log.info("stream.group.created", group=self._group, start=start)
+                await self._client.xgroup_create(self._key, self._group, id=start_id,
+                                                 mkstream=True)
             except redis_errors.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
-        self._ensured = True
+                return False
+        return True
+
+    async def _recreate(self, error: str) -> None:
+        """Recreate the group Redis lost (see the class docstring for where it starts)."""
+        epoch = await stream_epoch(self._client, self._keys)
+        same_life = epoch == self._epoch
+        start = self._acked if same_life else 0
+        created = await self._create(f"{start}-0")
+        GROUP_RECREATED.labels(self._BACKEND).inc()
+        log.warning("group.recreated", group=self._group, consumer=self.consumer, error=error,
+                    start_offset=start, epoch_changed=not same_life, created=created)
+        if not same_life:
+            self._acked = 0
+        self._epoch, self._ensured = epoch, True
+
+    async def _call(self, operation: str, command: Callable[[], Awaitable[T]]) -> T:
+        """Run a group command; when Redis lost the group, recreate it and run it once more.
+
+        Raises:
+            BackendUnavailable: Redis could not be reached.
+        """
+        await self.ensure()
+        try:
+            with redis_unavailable(operation):
+                return await command()
+        except redis_errors.ResponseError as exc:
+            if not str(exc).startswith(_GROUP_LOST):
+                raise
+            await self._recreate(str(exc))
+        with redis_unavailable(operation):
+            return await command()
 
     def _decode(self, entries: Any) -> list[Delivery]:
         out: list[Delivery] = []
@@ -260,23 +316,19 @@ class RedisStreamGroup:
         return reply[0][1]
 
     async def read(self, count: int, block_s: float) -> list[Delivery]:
-        await self.ensure()
         block_ms: int | None = None
         if block_s > 0:
             limit = block_s if self._max_block_s is None else min(block_s, self._max_block_s)
             block_ms = max(1, int(limit * 1000))
-        with redis_unavailable("stream.group.read"):
-            reply = await self._client.xreadgroup(
-                self._group, self.consumer, {self._key: ">"}, count=count, block=block_ms)
+        reply = await self._call("stream.group.read", lambda: self._client.xreadgroup(
+            self._group, self.consumer, {self._key: ">"}, count=count, block=block_ms))
         out = self._decode(self._entries(reply))
         GROUP_DELIVERED.labels(self._BACKEND, "new").inc(len(out))
         return out
 
     async def pending(self, count: int) -> list[Delivery]:
-        await self.ensure()
-        with redis_unavailable("stream.group.pending"):
-            reply = await self._client.xreadgroup(
-                self._group, self.consumer, {self._key: "0"}, count=count)
+        reply = await self._call("stream.group.pending", lambda: self._client.xreadgroup(
+            self._group, self.consumer, {self._key: "0"}, count=count))
         out = self._decode(self._entries(reply))
         await self._ack_lost(out)
         return [d for d in out if d.event is not None]
@@ -284,11 +336,9 @@ class RedisStreamGroup:
     async def claim(self, min_idle_s: float, count: int) -> list[Delivery]:
         """XAUTOCLAIM from the start of the pending list; entries deleted from the stream are
         reported by Redis (7+) and acked here as lost."""
-        await self.ensure()
-        with redis_unavailable("stream.group.claim"):
-            reply = await self._client.xautoclaim(
-                self._key, self._group, self.consumer, min_idle_time=int(min_idle_s * 1000),
-                start_id="0-0", count=count)
+        reply = await self._call("stream.group.claim", lambda: self._client.xautoclaim(
+            self._key, self._group, self.consumer, min_idle_time=int(min_idle_s * 1000),
+            start_id="0-0", count=count))
         entries = reply[1] if len(reply) > 1 else []
         deleted = reply[2] if len(reply) > 2 else []
         out = self._decode(entries)
@@ -312,7 +362,10 @@ class RedisStreamGroup:
             await self.ack(lost)
 
     async def ack(self, offsets: Sequence[int]) -> None:
+        """XACK (a no-op on a lost group: what it held is gone); remembers the newest offset
+        acked, where a recreated group starts."""
         if not offsets:
             return
         with redis_unavailable("stream.group.ack"):
             await self._client.xack(self._key, self._group, *[f"{o}-0" for o in offsets])
+        self._acked = max(self._acked, *offsets)

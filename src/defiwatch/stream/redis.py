@@ -37,7 +37,7 @@ from defiwatch.stream.base import DedupKey, StreamSlice, series_key
 from defiwatch.stream.memory import has_gap
 from defiwatch.stream.metrics import PublishRecorder
 
-__all__ = ["REDIS_UNAVAILABLE_ERRORS", "RedisEventStream", "redis_unavailable"]
+__all__ = ["REDIS_UNAVAILABLE_ERRORS", "RedisEventStream", "redis_unavailable", "stream_epoch"]
 
 log = structlog.get_logger(__name__)
 
@@ -69,7 +69,8 @@ def redis_unavailable(operation: str) -> Iterator[None]:
     try:
         yield
     except REDIS_UNAVAILABLE_ERRORS as exc:
-        log.warning("redis.unavailable", operation=operation, error=repr(exc))
+        log.warning("redis.unavailable", operation=operation, error=str(exc),
+                    error_type=type(exc).__name__)
         raise BackendUnavailable(
             f"Redis is unavailable ({operation}: {type(exc).__name__}: {exc}); "
             "check that it is running and DEFIWATCH_REDIS_URL points to it, then retry"
@@ -83,6 +84,22 @@ def _text(raw: bytes | str) -> str:
 
 def _entry_offset(entry_id: bytes | str) -> int:
     return int(_text(entry_id).partition("-")[0])
+
+
+async def stream_epoch(client: aioredis.Redis, keys: RedisKeys) -> str:
+    """The epoch of the stream named by `keys`, created by the first caller (SET NX); shared
+    with stream/group.py, which needs it to tell a lost group from a lost stream.
+
+    Raises:
+        BackendUnavailable: Redis could not be reached.
+    """
+    with redis_unavailable("stream.epoch"):
+        # MULTI/EXEC: the GET sees either the value we just set or the one that was there.
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.set(keys.stream_epoch, uuid.uuid4().hex, nx=True)
+            pipe.get(keys.stream_epoch)
+            replies: list[Any] = await pipe.execute()
+    return _text(replies[1])
 
 
 PUBLISH_CHUNK = 1_000  # events per atomic script call
@@ -248,14 +265,7 @@ class RedisEventStream:
         Raises:
             BackendUnavailable: Redis could not be reached.
         """
-        key = self._keys.stream_epoch
-        with redis_unavailable("stream.epoch"):
-            # MULTI/EXEC: the GET sees either the value we just set or the one that was there.
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.set(key, uuid.uuid4().hex, nx=True)
-                pipe.get(key)
-                replies: list[Any] = await pipe.execute()
-        return _text(replies[1])
+        return await stream_epoch(self._client, self._keys)
 
     async def last_published(
         self, series: Sequence[SeriesKey]
