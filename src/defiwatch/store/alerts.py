@@ -1,4 +1,5 @@
-"""Alerts in the database: rules, instance states, series cursors, history and the outboxes.
+"""Alerts in the database: rules, instance states, series cursors and the consumer group's
+position, history and the outboxes.
 
 Repositories only: SQL in, rows out. Decisions are made by alerts/ (pure core) and applied by the
 engine and the API, each in its own transaction (the caller's connection). The concurrency story
@@ -12,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
-from sqlalchemy import Integer, and_, bindparam, delete, func, or_, select, text, update
+from sqlalchemy import Integer, and_, bindparam, case, delete, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Select
@@ -25,6 +26,7 @@ from defiwatch.store.schema import (
     alert_series,
     alert_states,
     alert_stream_outbox,
+    stream_group_positions,
 )
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "list_rules",
     "load_cursors",
     "load_due_states",
+    "load_group_position",
     "load_states",
     "lock_series",
     "pending_stream_events",
@@ -56,6 +59,7 @@ __all__ = [
     "resolve_alerts",
     "rules_changed_since",
     "save_cursors",
+    "save_group_position",
     "save_states",
     "soft_delete_rule",
     "update_alert",
@@ -302,6 +306,37 @@ async def save_cursors(conn: AsyncConnection, cursors: Mapping[str, Cursor], now
         {"series": k, "last_ts": c.ts, "updated_at": now,
          "measures": None if c.measures is None else {str(w): v for w, v in c.measures.items()}}
         for k, c in cursors.items()])
+
+
+async def load_group_position(conn: AsyncConnection, group: str) -> tuple[str, int] | None:
+    """(stream epoch, offset) the group's workers last committed, or None if they never did."""
+    row = (await conn.execute(
+        select(stream_group_positions.c.epoch, stream_group_positions.c.last_offset)
+        .where(stream_group_positions.c.group_name == group))).first()
+    return None if row is None else (str(row.epoch), int(row.last_offset))
+
+
+async def save_group_position(
+    conn: AsyncConnection, group: str, epoch: str, offset: int, now: float
+) -> None:
+    """Record that the group's entries up to `offset` of stream life `epoch` are applied.
+
+    Within one epoch the position only moves forward (workers of the group commit batches out
+    of order); a new epoch replaces it. A worker still finishing a batch of the old epoch may
+    put the old one back: the next recreated group then starts at 0 of the new stream, which
+    only re-delivers (the engine skips what its series cursors say is applied).
+    """
+    t = stream_group_positions
+    stmt = dialect_insert(conn, t).values(group_name=group, epoch=epoch, last_offset=offset,
+                                          updated_at=now)
+    new = stmt.excluded
+    stmt = stmt.on_conflict_do_update(index_elements=["group_name"], set_={
+        "epoch": new.epoch,
+        "last_offset": case((and_(t.c.epoch == new.epoch, t.c.last_offset > new.last_offset),
+                             t.c.last_offset), else_=new.last_offset),
+        "updated_at": new.updated_at,
+    })
+    await conn.execute(stmt)
 
 
 async def load_states(

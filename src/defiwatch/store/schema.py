@@ -218,6 +218,18 @@ alert_series = Table(
     Column("updated_at", Double, nullable=False),
 )
 
+# Per consumer group, the newest stream entry whose outcome the alert engine committed, with the
+# stream's epoch (one life of the stream): a group Redis lost is recreated after it, or at the
+# start of a stream that was lost too, instead of at the newest entry (stream/group.py).
+stream_group_positions = Table(
+    "stream_group_positions",
+    metadata,
+    Column("group_name", String(120), primary_key=True),
+    Column("epoch", String(64), nullable=False),
+    Column("last_offset", BigInteger, nullable=False),
+    Column("updated_at", Double, nullable=False),
+)
+
 # One row per fired alert (episode); a resolve updates it. `dedup_key` (rule, instance,
 # triggering series and observation ts) makes a replayed transition a no-op.
 alert_history = Table(

@@ -4,7 +4,7 @@ An optional capability of a stream (STYLE.md 2: its own small Protocol), used by
 engine: `defiwatch run alerts` workers of one group split the events between them, and the
 entries a dead worker had taken are claimed by another after `min_idle_s`.
 
-Guarantees (tests/stream/test_group.py runs them against both backends):
+Guarantees (tests/alerts/test_stream_group.py runs them against both backends):
 
 - `read` hands out entries that no consumer of the group was given yet, oldest first, and
   records each as *pending* for this consumer until `ack`.
@@ -17,13 +17,16 @@ Guarantees (tests/stream/test_group.py runs them against both backends):
   `event=None`; ack it (it is lost; counted in `defiwatch_stream_group_lost_total`).
 
 Redis: XREADGROUP / XACK / XAUTOCLAIM on the stream's own key (no key of our own). A group Redis
-lost (FLUSHALL, restart without data) is recreated where this worker left off (RedisStreamGroup). Memory: the
+lost (FLUSHALL, restart without data) is recreated where this worker left off (RedisStreamGroup),
+or, by a worker started after the loss, where the group's workers last committed (`ensure`'s
+`committed`: the alert engine reads it from its database, so this module holds no SQL). Memory: the
 embedded deployment's one process; a plain position and a dict of pending entries, on the stream's
 event loop, so no lock (the same reasoning as stream/memory.py).
 """
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, Protocol, TypeVar
@@ -39,7 +42,8 @@ from defiwatch.redis_keys import STREAM_ENTRY_FIELD, RedisKeys
 from defiwatch.stream.base import EventStream
 from defiwatch.stream.redis import redis_unavailable, stream_epoch
 
-__all__ = ["Delivery", "MemoryStreamGroup", "RedisStreamGroup", "StreamGroup"]
+__all__ = ["CommittedPosition", "Delivery", "GroupStart", "MemoryStreamGroup", "RedisStreamGroup",
+           "StreamGroup", "start_id"]
 
 log = structlog.get_logger(__name__)
 
@@ -65,14 +69,58 @@ class Delivery(msgspec.Struct, frozen=True):
     event: Event | None
 
 
+class CommittedPosition(Protocol):
+    """Reads where a group's consumers durably got to: (stream epoch, newest offset whose
+    outcome they committed), or None if they never committed one."""
+
+    async def __call__(self) -> tuple[str, int] | None: ...
+
+
+class GroupStart(enum.Enum):
+    """Where a group created now starts, and why (logged by `ensure`)."""
+
+    CONFIGURED = "configured"  # nothing committed yet (a first deployment): `start` decides
+    RESUMED = "resumed"  # after the committed offset: the stream is the same life (epoch)
+    NEW_LIFE = "new_life"  # at 0: the stream was lost since, all of the new one came after
+
+
+def start_id(start: Start, epoch: str, committed: tuple[str, int] | None) -> tuple[str, GroupStart]:
+    """XGROUP CREATE's last-delivered id for a group created in stream life `epoch`.
+
+    Args:
+        start: where a group of a first deployment starts ("latest": `$`, no history fired on).
+        epoch: the stream's current epoch.
+        committed: (epoch, offset) the group's consumers last committed, or None.
+    """
+    if committed is None:
+        return ("$" if start == "latest" else "0"), GroupStart.CONFIGURED
+    committed_epoch, offset = committed
+    if committed_epoch == epoch:
+        return f"{offset}-0", GroupStart.RESUMED
+    return "0", GroupStart.NEW_LIFE
+
+
 class StreamGroup(Protocol):
     """A consumer (`consumer`) in a consumer group over an event stream (see module docstring)."""
 
     consumer: str
 
-    async def ensure(self, start: Start = "latest") -> None:
-        """Create the group if it does not exist. A new group starts after the newest entry
-        ("latest": only events published from now on) or at the oldest retained one."""
+    @property
+    def group(self) -> str:
+        """The group's name, shared by its consumers (the key of its committed position)."""
+        ...
+
+    @property
+    def epoch(self) -> str | None:
+        """The stream life (epoch) of the entries handed out since `ensure`, to commit with
+        their offsets; None when the group keeps no position (it cannot outlive its stream)."""
+        ...
+
+    async def ensure(self, start: Start = "latest",
+                     committed: CommittedPosition | None = None) -> None:
+        """Create the group if it does not exist: after the position `committed` reads (see
+        `start_id`), or, when none was committed, after the newest entry ("latest": only
+        events published from now on) or at the oldest retained one."""
         ...
 
     async def read(self, count: int, block_s: float) -> list[Delivery]:
@@ -105,6 +153,9 @@ class _GroupState:
 class MemoryStreamGroup:
     """A consumer group over an in-process stream (any EventStream, read through its API).
 
+    It lives and dies with its stream, in one process: there is no lost group to resume, so it
+    keeps no position (`epoch` None) and `ensure` does not read `committed`.
+
     Args:
         stream: the stream to share.
         consumer: this consumer's name.
@@ -112,6 +163,8 @@ class MemoryStreamGroup:
     """
 
     _BACKEND = "memory"
+    group = "embedded"
+    epoch: str | None = None
 
     def __init__(
         self,
@@ -131,7 +184,8 @@ class MemoryStreamGroup:
         return MemoryStreamGroup(self._stream, consumer=consumer, clock=self._clock,
                                  _state=self._state)
 
-    async def ensure(self, start: Start = "latest") -> None:
+    async def ensure(self, start: Start = "latest",
+                     committed: CommittedPosition | None = None) -> None:
         if self._state.position is None:
             if start == "latest":
                 self._state.position = await self._stream.last_offset()
@@ -203,6 +257,8 @@ class RedisStreamGroup:
     the start when the stream itself was lost, since every event of a new stream was published
     after the fault. Re-delivery is harmless (consumers are idempotent, see the module
     docstring); a group started at `$` would skip what was published while workers were down.
+    A worker started while the group is missing has no acknowledgements of its own: `ensure`
+    reads where the group's workers committed (`start_id`).
 
     Args:
         client: a `redis.asyncio.Redis`, owned by the caller. Its `socket_timeout` bounds each
@@ -227,8 +283,8 @@ class RedisStreamGroup:
         name: str = "stream",
     ) -> None:
         self.consumer = consumer
+        self.group = group
         self._client = client
-        self._group = group
         self._keys = RedisKeys(prefix, name)
         self._key = self._keys.stream_events
         self._decoder = msgspec.json.Decoder(Event)
@@ -241,20 +297,32 @@ class RedisStreamGroup:
         self._epoch: str | None = None  # the stream's life the group was ensured in
         self._acked = 0  # the newest offset this consumer acknowledged in that life
 
-    async def ensure(self, start: Start = "latest") -> None:
-        """XGROUP CREATE ... MKSTREAM; an existing group is left as it is."""
+    @property
+    def epoch(self) -> str | None:
+        return self._epoch
+
+    async def ensure(self, start: Start = "latest",
+                     committed: CommittedPosition | None = None) -> None:
+        """XGROUP CREATE ... MKSTREAM at `start_id`; an existing group is left as it is.
+
+        Raises:
+            BackendUnavailable: Redis could not be reached.
+        """
         if self._ensured:
             return
         epoch = await stream_epoch(self._client, self._keys)
-        if await self._create("$" if start == "latest" else "0"):
-            log.info("stream.group.created", group=self._group, start=start)
+        position = None if committed is None else await committed()
+        last_id, why = start_id(start, epoch, position)
+        if await self._create(last_id):
+            log.info("stream.group.created", group=self.group, consumer=self.consumer,
+                     start=why.value, start_id=last_id, committed=position)
         self._epoch, self._ensured = epoch, True
 
-    async def _create(self, start_id: str) -> bool:
-        """XGROUP CREATE at `start_id`; False if the group exists (another worker made it)."""
+    async def _create(self, last_id: str) -> bool:
+        """XGROUP CREATE after `last_id`; False if the group exists (another worker made it)."""
         with redis_unavailable("stream.group.ensure"):
             try:
-                await self._client.xgroup_create(self._key, self._group, id=start_id,
+                await self._client.xgroup_create(self._key, self.group, id=last_id,
                                                  mkstream=True)
             except redis_errors.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
@@ -269,7 +337,7 @@ class RedisStreamGroup:
         start = self._acked if same_life else 0
         created = await self._create(f"{start}-0")
         GROUP_RECREATED.labels(self._BACKEND).inc()
-        log.warning("group.recreated", group=self._group, consumer=self.consumer, error=error,
+        log.warning("group.recreated", group=self.group, consumer=self.consumer, error=error,
                     start_offset=start, epoch_changed=not same_life, created=created)
         if not same_life:
             self._acked = 0
@@ -321,14 +389,14 @@ class RedisStreamGroup:
             limit = block_s if self._max_block_s is None else min(block_s, self._max_block_s)
             block_ms = max(1, int(limit * 1000))
         reply = await self._call("stream.group.read", lambda: self._client.xreadgroup(
-            self._group, self.consumer, {self._key: ">"}, count=count, block=block_ms))
+            self.group, self.consumer, {self._key: ">"}, count=count, block=block_ms))
         out = self._decode(self._entries(reply))
         GROUP_DELIVERED.labels(self._BACKEND, "new").inc(len(out))
         return out
 
     async def pending(self, count: int) -> list[Delivery]:
         reply = await self._call("stream.group.pending", lambda: self._client.xreadgroup(
-            self._group, self.consumer, {self._key: "0"}, count=count))
+            self.group, self.consumer, {self._key: "0"}, count=count))
         out = self._decode(self._entries(reply))
         await self._ack_lost(out)
         return [d for d in out if d.event is not None]
@@ -337,21 +405,21 @@ class RedisStreamGroup:
         """XAUTOCLAIM from the start of the pending list; entries deleted from the stream are
         reported by Redis (7+) and acked here as lost."""
         reply = await self._call("stream.group.claim", lambda: self._client.xautoclaim(
-            self._key, self._group, self.consumer, min_idle_time=int(min_idle_s * 1000),
+            self._key, self.group, self.consumer, min_idle_time=int(min_idle_s * 1000),
             start_id="0-0", count=count))
         entries = reply[1] if len(reply) > 1 else []
         deleted = reply[2] if len(reply) > 2 else []
         out = self._decode(entries)
         if deleted:
             GROUP_LOST.labels(self._BACKEND).inc(len(deleted))
-            log.warning("stream.group.lost", group=self._group, entries=len(deleted))
+            log.warning("stream.group.lost", group=self.group, entries=len(deleted))
             with redis_unavailable("stream.group.ack"):
-                await self._client.xack(self._key, self._group, *deleted)
+                await self._client.xack(self._key, self.group, *deleted)
         await self._ack_lost(out)
         claimed = [d for d in out if d.event is not None]
         if claimed:
             GROUP_DELIVERED.labels(self._BACKEND, "claimed").inc(len(claimed))
-            log.info("stream.group.claimed", group=self._group, consumer=self.consumer,
+            log.info("stream.group.claimed", group=self.group, consumer=self.consumer,
                      entries=len(claimed), first=claimed[0].offset)
         return claimed
 
@@ -367,5 +435,5 @@ class RedisStreamGroup:
         if not offsets:
             return
         with redis_unavailable("stream.group.ack"):
-            await self._client.xack(self._key, self._group, *[f"{o}-0" for o in offsets])
+            await self._client.xack(self._key, self.group, *[f"{o}-0" for o in offsets])
         self._acked = max(self._acked, *offsets)
