@@ -388,9 +388,10 @@ class SocketIOServer:
         log.info("gateway.socketio_stopped")
 
     async def serve(self, stop: asyncio.Event) -> None:
-        """Start, wait for `stop`, stop."""
-        await self.start()
+        """Start, wait for `stop`, stop. Stops also when cancelled while starting (a
+        supervised restart must find the port free)."""
         try:
+            await self.start()
             await stop.wait()
         finally:
             await self.stop()

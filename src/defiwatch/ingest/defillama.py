@@ -44,6 +44,7 @@ from defiwatch.domain import (
     split_chain_tvl_key,
 )
 from defiwatch.ingest.base import PointSink
+from defiwatch.ops import health
 
 __all__ = [
     "SOURCE",
@@ -448,11 +449,16 @@ class DefiLlamaPoller:
         try:
             while not stop.is_set():
                 started = self._clock()
+                error: str | None = None
                 try:
-                    await self.poll_once()
-                except Exception:  # the sink or a bug: log it, keep the poller alive
+                    report = await self.poll_once()
+                    if report.failed:
+                        error = f"failed endpoints: {', '.join(report.failed)}"
+                except Exception as exc:  # the sink or a bug: log it, keep the poller alive
                     log.exception("poller.poll_failed")
+                    error = str(exc)
                 wait = max(0.0, started + self._interval_s - self._clock())
+                health.beat("poller", error=error, idle_s=wait)
                 if not stop.is_set():
                     await self._pause(wait)
         finally:

@@ -49,6 +49,7 @@ from defiwatch.notify.redact import redact_url
 from defiwatch.notify.retry import Action, Decision, RetryPolicy, decide
 from defiwatch.notify.senders.base import Outcome, Reason, SendResult
 from defiwatch.notify.senders.webhook import generate_webhook_secret
+from defiwatch.ops import health
 from defiwatch.processor.wakeup import Wakeup
 from defiwatch.store import alerts as alert_store
 from defiwatch.store import delivery as store
@@ -154,8 +155,10 @@ class Notifier:
             while not stop.is_set():
                 try:
                     more = await self.claim()
+                    health.beat("notifier", idle_s=self.config.poll_s)
                 except (SQLAlchemyError, OSError) as exc:
                     log.warning("notifier.claim_failed", error=str(exc))
+                    health.beat("notifier", error=str(exc), idle_s=self.config.poll_s)
                     more = False
                 if not more:
                     await self._idle(stop, wakeup)
