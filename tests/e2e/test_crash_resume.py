@@ -25,6 +25,7 @@ from defiwatch.ingest.service import IngestService
 from defiwatch.processor import Processor, Wakeup
 from defiwatch.store import create_engine, upgrade
 from defiwatch.stream import MemoryEventStream, RedisEventStream
+from loopback import free_port, wait_until_ready
 
 # 20 days of real 5-minute ETH/BTC prices (2017): about 11,500 points.
 SOURCES = ["coinmarketcap_5min_eth_btc.jsonl.gz"]
@@ -41,6 +42,7 @@ def processor_env(postgres_url: str, redis_url: str, redis_prefix: str) -> Itera
         "DEFIWATCH_REDIS_PREFIX": redis_prefix,
         "DEFIWATCH_PROCESSOR_BATCH": "100",  # many small batches: a kill lands mid-way
         "DEFIWATCH_LOG_LEVEL": "warning",
+        "DEFIWATCH_OPS_PORT": str(free_port()),  # its readiness tells when the replay may start
     })
     yield env
 
@@ -72,6 +74,11 @@ async def test_sigkill_mid_replay_loses_nothing_and_duplicates_nothing(
     stream = RedisEventStream(client, prefix=redis_prefix, retention=1_000_000)
     first = start_processor(processor_env, log)
     try:
+        # Starting the child takes seconds on a loaded machine; the replay is paced to last about
+        # 4 s, so it starts only once the processor is running.
+        ready = f"http://127.0.0.1:{processor_env['DEFIWATCH_OPS_PORT']}/readyz"
+        async with asyncio.timeout(60 * timeout_factor):
+            await wait_until_ready(ready)
         loading = asyncio.create_task(replay(IngestService(engine), speed=SPEED, sources=SOURCES,
                                              start_ts=START, end_ts=END, batch_size=500))
         # Wait until the processor has published a few hundred events, then kill it hard.
