@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, MutableMapping
@@ -36,14 +35,11 @@ from defiwatch.config import Settings
 from defiwatch.errors import BackendUnavailable
 from defiwatch.store.db import create_engine
 from defiwatch.store.keys import create_key
+from loopback import free_port
 
 GUARD_S = 10.0  # a bound on waits that hung for 35 s before the fix; not a timing assertion
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ A failure prints schemathesis' report with a curl command reproducing each case.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,16 +21,13 @@ import httpx
 import pytest
 
 from defiwatch.notify import VapidKey
+from loopback import free_port
 
 _EXAMPLES = 25  # per operation; ~30 s on a 2-core machine
 _CHECKS = ("not_a_server_error", "response_schema_conformance", "status_code_conformance",
            "content_type_conformance")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -41,7 +37,7 @@ def server_env(tmp_path: Path, postgres_url: str, redis_url: str, redis_prefix: 
             "DEFIWATCH_REDIS_URL": redis_url, "DEFIWATCH_REDIS_PREFIX": redis_prefix,
             "DEFIWATCH_STATE_DIR": str(tmp_path), "DEFIWATCH_REPLAY_ENABLED": "false",
             "DEFIWATCH_DEMO_KEY": "false", "DEFIWATCH_API_HOST": "127.0.0.1",
-            "DEFIWATCH_API_PORT": str(_free_port()),
+            "DEFIWATCH_API_PORT": str(free_port()),
             "DEFIWATCH_NOTIFY_VAPID_PRIVATE_KEY": VapidKey.generate().private_pem().decode()}
 
 

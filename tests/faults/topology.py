@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,9 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["ROLES", "PostgresServer", "RedisServer", "RoleProcess", "Topology", "free_port",
+from loopback import free_port
+
+__all__ = ["ROLES", "PostgresServer", "RedisServer", "RoleProcess", "Topology",
            "missing_binaries"]
 
 ROLES = ("api", "processor", "gateway", "alerts", "notifier")
@@ -34,12 +35,6 @@ SHORTENED = {
     "DEFIWATCH_NOTIFY_RETRY_BASE_DELAY_S": "1",  # first retry of a send lost with its worker
     "DEFIWATCH_NOTIFY_WEBHOOK_TIMEOUT_S": "2",  # below the lease (the receiver is local)
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pg_bin() -> Path | None:

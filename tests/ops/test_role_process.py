@@ -6,18 +6,13 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from loopback import free_port
 
 
 async def next_log(stream: asyncio.StreamReader, event: str) -> dict[str, Any]:

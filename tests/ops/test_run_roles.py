@@ -13,12 +13,7 @@ from structlog.testing import capture_logs
 
 from defiwatch.app import open_platform, run_roles
 from defiwatch.config import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from loopback import free_port
 
 
 async def readiness_until(url: str, wanted: Any) -> dict[str, Any]:
