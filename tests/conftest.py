@@ -1,7 +1,8 @@
 """Shared fixtures: real PostgreSQL and Redis on loopback, isolated per test.
 
 Locally a missing service skips the tests that need it, with the reason; in CI (`CI=true`) a
-missing service fails them, so a green CI run always exercised both deployments.
+missing service fails them, so a green CI run always exercised both deployments. The raw real
+captures (`../shared/defi-data`, next to the repository) are treated the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -23,6 +25,8 @@ PG_PORT = int(os.environ.get("DEFIWATCH_TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("DEFIWATCH_TEST_PG_USER", "postgres")
 PG_ADMIN_DB = os.environ.get("DEFIWATCH_TEST_PG_DB", "test")
 REDIS_URL = os.environ.get("DEFIWATCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# The raw captures the bundled demo data is built from (see its SOURCES.md).
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "defi-data"
 
 # Scale for the few timeouts tests wait on (slow machines set e.g. 3).
 TIMEOUT_FACTOR = float(os.environ.get("DEFIWATCH_TEST_TIMEOUT_FACTOR", "1"))
@@ -36,14 +40,33 @@ def _reachable(host: str, port: int) -> bool:
         return False
 
 
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
 def require_service(name: str, host: str, port: int) -> None:
     """Skip (locally) or fail (CI) when a service the test needs is not listening."""
     if _reachable(host, port):
         return
     reason = f"{name} is not reachable on {host}:{port}"
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    if _in_ci():
         pytest.fail(f"{reason}; CI must run every backend (.ci/run starts it)")
     pytest.skip(f"{reason}; start it to run this test")
+
+
+def require_real_data(relative: str = "") -> Path:
+    """The path of a raw real capture under REAL_DATA (the folder itself by default).
+
+    Skips locally when it is missing, with the reason; fails in CI (`CI=true`), where those
+    tests must run: a green CI run has checked the bundled data against the captures.
+    """
+    path = REAL_DATA / relative
+    if path.exists():
+        return path
+    reason = f"real capture not found at {path} (see shared/defi-data/SOURCES.md)"
+    if _in_ci():
+        pytest.fail(f"{reason}; CI must provide ../shared/defi-data next to the repository")
+    pytest.skip(reason)
 
 
 def pg_url(database: str) -> str:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import PG_HOST, PG_PORT
 
 
 def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -105,3 +109,76 @@ def test_replay_command_loads_a_window_of_real_data(tmp_path: Path) -> None:
     assert "accepted=62" in result.stderr  # 31 days x ETH and BTC closes
     bad = cli("replay", "--from", "January", cwd=tmp_path)
     assert bad.returncode == 2 and "not a date" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("roles", "setting"),
+    [(("api",), "DEFIWATCH_API_PORT or --port"), (("gateway",), "DEFIWATCH_GATEWAY_PORT")],
+)
+def test_run_on_a_port_in_use_stops_with_one_line_before_the_banner(
+    tmp_path: Path, roles: tuple[str, ...], setting: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("run", *roles, cwd=tmp_path, env={
+            "DEFIWATCH_API_PORT": str(port), "DEFIWATCH_GATEWAY_PORT": str(port),
+            "DEFIWATCH_SOCKETIO_PORT": "0", "DEFIWATCH_OPS_PORT": "0"})
+    assert result.returncode == 2
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert lines == [f"defiwatch: port {port} is in use: set {setting}"]
+
+
+async def relay_to_postgres(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One client connection of a loopback TCP relay to the test PostgreSQL."""
+    upstream_reader, upstream_writer = await asyncio.open_connection(PG_HOST, PG_PORT)
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65_536):
+                dst.write(data)
+                await dst.drain()
+        finally:
+            dst.close()
+
+    await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer),
+                         return_exceptions=True)
+
+
+async def test_run_waits_for_a_database_that_starts_later(
+    tmp_path: Path, postgres_url: str, timeout_factor: float
+) -> None:
+    # The relay's port stands in for a PostgreSQL that is down when `run replay` starts.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = postgres_url.replace(f"@{PG_HOST}:{PG_PORT}/", f"@127.0.0.1:{port}/")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DEFIWATCH_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "defiwatch", "run", "replay", cwd=tmp_path,
+        env={**base, "DEFIWATCH_DATABASE_URL": url, "DEFIWATCH_OPS_PORT": "0",
+             "DEFIWATCH_REPLAY_FROM": "2025-12-18", "DEFIWATCH_REPLAY_SPEED": "0"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    assert proc.stdout is not None
+    stdout, seen = proc.stdout, list[str]()
+
+    async def until(marker: str) -> str:
+        """The first output line holding `marker`."""
+        while marker not in (line := (await stdout.readline()).decode()):
+            assert line, "".join(seen)  # the process ended first
+            seen.append(line)
+        return line
+
+    try:
+        async with asyncio.timeout(60 * timeout_factor):
+            # Waited for, with the error's own text in the log.
+            assert "Connect call failed" in await until("database.unreachable")
+            relay = await asyncio.start_server(relay_to_postgres, "127.0.0.1", port)
+            async with relay:
+                await until("replay.finished")
+                assert await proc.wait() == 0  # the finite role ended: the process with it
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

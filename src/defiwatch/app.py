@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-import structlog
 import uvicorn
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from defiwatch.alerts.config import AlertsApiConfig, EngineConfig
@@ -24,12 +25,15 @@ from defiwatch.domain import ChangeDetector, Thresholds
 from defiwatch.gateway import Gateway, SocketIOServer
 from defiwatch.gateway.gcpolicy import FreezeAfterFullCollections
 from defiwatch.ingest.defillama import DefiLlamaPoller
-from defiwatch.ingest.replay import replay
+from defiwatch.ingest.replay import backfill_end, replay
 from defiwatch.ingest.service import IngestService
 from defiwatch.notify.factory import breaker as notify_breaker
 from defiwatch.notify.factory import build_senders, retry_policy
 from defiwatch.notify.worker import Notifier, NotifierConfig
-from defiwatch.processor import Processor, Wakeup, listen_postgres
+from defiwatch.ops.health import Health
+from defiwatch.ops.listener import listener_port, serve_ops
+from defiwatch.ops.supervisor import supervise
+from defiwatch.processor import CacheFiller, Processor, Wakeup, listen_postgres
 from defiwatch.query import Limits, MemoryResultCache, QueryService, ReadModel, RedisResultCache
 from defiwatch.query.cache import ResultCache
 from defiwatch.store import create_engine, upgrade
@@ -39,8 +43,6 @@ from defiwatch.stream import EventStream, MemoryEventStream, RedisEventStream
 from defiwatch.stream.group import MemoryStreamGroup, RedisStreamGroup, StreamGroup
 
 __all__ = ["Platform", "open_platform", "run_roles"]
-
-log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -60,6 +62,10 @@ class Platform:
     # Per-request API reads (key lookup, freshness probe, limiter) on PostgreSQL: a pool
     # without pre-ping, whose reads retry once on a dropped connection (store/db.py).
     reads: AsyncEngine | None = None
+    # Redis for the API's request path (rate limiter, result cache, latest values, events):
+    # short timeouts and no retries, so a hung Redis costs a request at most
+    # redis_request_timeout_s. `redis` keeps the long timeout blocking stream reads need.
+    request_redis: aioredis.Redis | None = None
 
     def processor(self) -> Processor:
         s = self.settings
@@ -67,8 +73,10 @@ class Platform:
             tvl_pct=s.tvl_threshold_pct, tvl_abs=s.tvl_threshold_abs,
             price_pct=s.price_threshold_pct, price_abs=s.price_threshold_abs,
         ))
+        filler = CacheFiller(self.engine, self.cache, check_s=s.processor_cache_check_s)
         return Processor(self.engine, self.stream, self.cache, detector=detector,
-                         wakeup=self.wakeup, batch=s.processor_batch, poll_s=s.processor_poll_s)
+                         wakeup=self.wakeup, batch=s.processor_batch, poll_s=s.processor_poll_s,
+                         filler=filler)
 
 
 @contextlib.asynccontextmanager
@@ -103,7 +111,8 @@ async def open_platform(settings: Settings, *, migrate: bool = True) -> AsyncIte
     platform = Platform(settings, engine, stream, cache, alerts, wakeup,
                         IngestService(engine, on_commit=wakeup.notify), client,
                         reads=create_engine(settings.database_url, pre_ping=False)
-                        if settings.is_postgres else None)
+                        if settings.is_postgres else None,
+                        request_redis=request_redis(settings))
     try:
         yield platform
     finally:
@@ -113,11 +122,36 @@ async def open_platform(settings: Settings, *, migrate: bool = True) -> AsyncIte
         await stream.close()
         await alerts.close()
         await cache.close()
-        if client is not None:
-            await client.aclose()
+        for redis_client in (client, platform.request_redis):
+            if redis_client is not None:
+                await redis_client.aclose()
         if platform.reads is not None:
             await platform.reads.dispose()
         await engine.dispose()
+
+
+def request_redis(settings: Settings) -> aioredis.Redis | None:
+    """The API's request-path Redis client (see `Platform.request_redis`), None when embedded.
+
+    Every wait is bounded by `redis_request_timeout_s`: connecting, each reply, and waiting for
+    a free pooled connection; redis-py's default retries (up to 10, with backoff) are off, since
+    retrying a stalled server only multiplies the stall."""
+    if not settings.redis_dsn:
+        return None
+    timeout = settings.redis_request_timeout_s
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_dsn, max_connections=64, timeout=timeout, socket_timeout=timeout,
+        socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+    return aioredis.Redis.from_pool(pool)
+
+
+def api_backends(platform: Platform) -> tuple[EventStream, HotCache]:
+    """The stream and cache the API reads, on the request-path client when on Redis."""
+    client, s = platform.request_redis, platform.settings
+    if client is None:
+        return platform.stream, platform.cache
+    return (RedisEventStream(client, prefix=s.redis_prefix, retention=s.stream_retention),
+            RedisHotCache(client, prefix=s.redis_prefix))
 
 
 class _Server(uvicorn.Server):
@@ -131,8 +165,8 @@ class _Server(uvicorn.Server):
 def query_service(platform: Platform) -> QueryService:
     s = platform.settings
     cache: ResultCache = (
-        RedisResultCache(platform.redis, prefix=s.redis_prefix) if platform.redis is not None
-        else MemoryResultCache(s.query_cache_max_entries)
+        RedisResultCache(platform.request_redis, prefix=s.redis_prefix)
+        if platform.request_redis is not None else MemoryResultCache(s.query_cache_max_entries)
     )
     return QueryService(platform.engine, cache, read_model=ReadModel(platform.engine),
                         limits=Limits.from_settings(s),
@@ -147,8 +181,8 @@ def rate_limiter(platform: Platform) -> RateLimiter | None:
     if not s.query_rate_limit_enabled:
         return None
     store: RateStore = (
-        RedisRateStore(platform.redis, prefix=s.redis_prefix) if platform.redis is not None
-        else MemoryRateStore()
+        RedisRateStore(platform.request_redis, prefix=s.redis_prefix)
+        if platform.request_redis is not None else MemoryRateStore()
     )
     return RateLimiter(platform.reads or platform.engine, store,
                        {name: tier.api_requests_per_minute for name, tier in s.tiers.items()})
@@ -188,19 +222,65 @@ async def run_notifier(platform: Platform, stop: asyncio.Event) -> None:
         await senders.aclose()
 
 
-def api_server(platform: Platform) -> _Server:
+def api_server(platform: Platform, health: Health | None = None) -> _Server:
     s = platform.settings
     query = query_service(platform)
+    stream, cache = api_backends(platform)
     app = create_app(ApiContext(
-        platform.engine, platform.stream, platform.cache, platform.ingest,
+        platform.engine, stream, cache, platform.ingest,
         alerts=AlertsApiConfig.from_settings(s), query=query, settings=s, reads=platform.reads,
         rate_limiter=rate_limiter(platform), compat_public=s.query_compat_public,
+        health=health,
     ))
     # Warm the protocols read model so the first query does not pay for building it.
     platform.tasks.append(asyncio.create_task(query.read_model.refresh(), name="query-warmup"))
     config = uvicorn.Config(app, host=s.api_host, port=s.api_port, log_config=None,
                             access_log=False, lifespan="off")
     return _Server(config)
+
+
+async def run_api(platform: Platform, stop: asyncio.Event, health: Health) -> None:
+    """The API until `stop` is set; raises what uvicorn raised."""
+    server = api_server(platform, health)
+    serving = asyncio.create_task(server.serve(), name="api-serve")
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        server.should_exit = True
+        stopping.cancel()
+        await serving
+
+
+async def run_gateway(platform: Platform, stop: asyncio.Event) -> None:
+    """The WebSocket gateway and the Socket.IO server sharing its hub (one fan-out for both);
+    one failing stops the other, so a restart starts both afresh."""
+    s = platform.settings
+    gateway = Gateway(settings=s, engine=platform.engine, stream=platform.stream,
+                      cache=platform.cache, alerts=platform.alerts,
+                      key_cache_ttl_s=s.gateway_key_cache_ttl_s,
+                      revalidate_interval_s=s.gateway_revalidate_s)
+    socketio_server = SocketIOServer(settings=s, engine=platform.engine, hub=gateway.hub,
+                                     stream=platform.stream, cache=platform.cache)
+    async with asyncio.TaskGroup() as group:
+        group.create_task(gateway.serve(stop), name="gateway")
+        group.create_task(socketio_server.serve(stop), name="socketio")
+
+
+def poller(platform: Platform) -> DefiLlamaPoller:
+    s = platform.settings
+    return DefiLlamaPoller(platform.ingest, api_url=s.defillama_api_url,
+                           coins_url=s.defillama_coins_url, interval_s=s.poller_interval_s,
+                           coins=s.poller_coins)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One supervised task of a role: `run` starts it afresh (again after each failure)."""
+
+    role: str
+    run: Callable[[], Awaitable[object]]
+    name: str | None = None  # the task's name when not the role's own (a role's helper)
 
 
 async def run_roles(
@@ -210,60 +290,57 @@ async def run_roles(
     *,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Run the given roles until `stop` is set (or every finite role ends and none is lasting)."""
+    """Run the given roles until `stop` is set (or every role is finite and has ended).
+
+    Each role runs supervised (ops/supervisor.py): one that raises is logged and restarted
+    with backoff while the others go on. The roles' loops beat into one `Health`, which the
+    ops listener (ops/listener.py) and, with `api` among the roles, the API's `/readyz` serve.
+    """
     s = platform.settings
-    lasting: list[asyncio.Task[Any]] = []
-    if "processor" in roles:
-        lasting.append(asyncio.create_task(platform.processor().run(stop), name="processor"))
-        if s.is_postgres:
-            lasting.append(asyncio.create_task(
-                listen_postgres(raw_dsn(s.database_url), platform.wakeup, stop), name="listen"))
-    if "poller" in roles:
-        poller = DefiLlamaPoller(platform.ingest, api_url=s.defillama_api_url,
-                                 coins_url=s.defillama_coins_url, interval_s=s.poller_interval_s,
-                                 coins=s.poller_coins)
-        lasting.append(asyncio.create_task(poller.run(stop), name="poller"))
+    health = Health(s.ops_stale_s)
+    for role in roles:
+        if role != "api":  # uvicorn has no loop to beat: /readyz checks its dependencies
+            health.expect(role)
     gc_policy = FreezeAfterFullCollections() if "gateway" in roles and s.gateway_gc_freeze else None
     if gc_policy is not None:
         gc_policy.install()  # process-wide: the collector is
+    units = _units(platform, roles, stop, health, on_progress)
+    try:
+        async with serve_ops(s.ops_host, listener_port(s, roles), health):
+            tasks = [asyncio.create_task(supervise(u.role, u.run, stop, health=health, name=u.name),
+                                         name=u.name or u.role) for u in units]
+            platform.tasks.extend(tasks)
+            await asyncio.gather(*tasks)
+    finally:
+        if gc_policy is not None:
+            gc_policy.uninstall()
+
+
+def _units(platform: Platform, roles: Sequence[str], stop: asyncio.Event, health: Health,
+           on_progress: Callable[[int, int], None] | None) -> list[_Unit]:
+    s = platform.settings
+    units: list[_Unit] = []
+    if "processor" in roles:
+        units.append(_Unit("processor", lambda: platform.processor().run(stop)))
+        if s.is_postgres:
+            units.append(_Unit("processor", lambda: listen_postgres(
+                raw_dsn(s.database_url), platform.wakeup, stop), name="listen"))
+    if "poller" in roles:
+        units.append(_Unit("poller", lambda: poller(platform).run(stop)))
     if "gateway" in roles:
-        gateway = Gateway(settings=s, engine=platform.engine, stream=platform.stream,
-                          cache=platform.cache, alerts=platform.alerts,
-                          key_cache_ttl_s=s.gateway_key_cache_ttl_s,
-                          revalidate_interval_s=s.gateway_revalidate_s)
-        lasting.append(asyncio.create_task(gateway.serve(stop), name="gateway"))
-        # The Socket.IO compatibility server shares the gateway's hub: one fan-out for both.
-        socketio_server = SocketIOServer(settings=s, engine=platform.engine, hub=gateway.hub,
-                                         stream=platform.stream, cache=platform.cache)
-        lasting.append(asyncio.create_task(socketio_server.serve(stop), name="socketio"))
+        units.append(_Unit("gateway", lambda: run_gateway(platform, stop)))
     if "alerts" in roles:
-        lasting.append(asyncio.create_task(alert_engine(platform).run(stop), name="alerts"))
+        units.append(_Unit("alerts", lambda: alert_engine(platform).run(stop)))
     if "notifier" in roles:
-        lasting.append(asyncio.create_task(run_notifier(platform, stop), name="notifier"))
-    server = api_server(platform) if "api" in roles else None
-    if server is not None:
-        lasting.append(asyncio.create_task(server.serve(), name="api"))
+        units.append(_Unit("notifier", lambda: run_notifier(platform, stop)))
+    if "api" in roles:
+        units.append(_Unit("api", lambda: run_api(platform, stop, health)))
     if "replay" in roles:
         start_ts, end_ts = s.replay_window
-        lasting.append(asyncio.create_task(
+        backfill = backfill_end(start_ts, end_ts, setting=s.replay_backfill_ts)
+        units.append(_Unit("replay", lambda: (
             replay(platform.ingest, speed=s.replay_speed, loop=s.replay_loop, stop=stop,
-                   start_ts=start_ts, end_ts=end_ts, on_progress=on_progress),
-            name="replay"))
-    platform.tasks.extend(lasting)
-    stopper = asyncio.create_task(stop.wait())
-    pending = set(lasting)
-    while pending and not stop.is_set():
-        done, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
-        for task in done - {stopper}:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("role.failed", role=task.get_name(), error=repr(task.exception()))
-                stop.set()
-            else:
-                log.info("role.finished", role=task.get_name())
-        pending.discard(stopper)
-    if server is not None:
-        server.should_exit = True
-    stopper.cancel()
-    await asyncio.gather(*lasting, return_exceptions=True)
-    if gc_policy is not None:
-        gc_policy.uninstall()
+                   start_ts=start_ts, end_ts=end_ts, backfill_until=backfill,
+                   on_progress=on_progress)
+        )))
+    return units

@@ -5,27 +5,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import errno
 import io
 import json
+import shlex
+import shutil
 import signal
+import socket
 import sys
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import structlog
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from defiwatch import __version__
 from defiwatch.config import ROLES, Settings, load_settings
-from defiwatch.errors import DefiwatchError
+from defiwatch.errors import ConfigError, DefiwatchError
 from defiwatch.ops import configure_logging
 
 __all__ = ["main"]
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 console = Console(stderr=True)
 out = Console()
 
@@ -85,6 +92,7 @@ def run(roles: tuple[str, ...], speed: float | None, port: int | None) -> None:
     """
     settings = _settings(replay_speed=speed, api_port=port)
     chosen = _roles(settings, roles)
+    _check_ports(settings, chosen)
     _run(_run_platform(settings, chosen))
 
 
@@ -99,6 +107,41 @@ def _roles(settings: Settings, roles: tuple[str, ...]) -> list[str]:
     return chosen
 
 
+def _listen_addresses(settings: Settings, roles: list[str]) -> list[tuple[str, int, str]]:
+    """(host, port, how to change it) of every socket these roles serve clients on. Not the
+    ops listener's: without its port a process runs on, with a warning (ops/listener.py)."""
+    s = settings
+    addresses = []
+    if "api" in roles:
+        addresses.append((s.api_host, s.api_port, "DEFIWATCH_API_PORT or --port"))
+    if "gateway" in roles:
+        addresses += [(s.gateway_host, s.gateway_port, "DEFIWATCH_GATEWAY_PORT"),
+                      (s.gateway_host, s.socketio_port, "DEFIWATCH_SOCKETIO_PORT")]
+    return addresses
+
+
+def _check_ports(settings: Settings, roles: list[str]) -> None:
+    """Stop with one line naming the setting when a port the roles need cannot be bound, before
+    the banner announces them as up (instead of a server's traceback after it).
+
+    Binds the way the servers do (SO_REUSEADDR, so a port in TIME_WAIT passes) and lets go at
+    once; another process may still take a port in between, which the server then reports.
+
+    Raises:
+        ConfigError: a port is in use or may not be listened on.
+    """
+    for host, port, setting in _listen_addresses(settings, roles):
+        if port == 0:
+            continue  # an ephemeral port: always available
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            socket.create_server((host, port), family=family).close()
+        except OSError as exc:
+            why = ("is in use" if exc.errno == errno.EADDRINUSE
+                   else f"cannot be listened on at {host} ({exc.strerror or exc})")
+            raise ConfigError(f"port {port} {why}: set {setting}") from exc
+
+
 async def _run_platform(settings: Settings, roles: list[str]) -> None:
     from defiwatch.app import open_platform, run_roles
 
@@ -106,17 +149,58 @@ async def _run_platform(settings: Settings, roles: list[str]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with open_platform(settings) as platform:
+    if not await _migrate_when_reachable(settings, stop):
+        return
+    async with open_platform(settings, migrate=False) as platform:
         key = await _demo_key(platform) if settings.demo_key and "api" in roles else None
         _banner(settings, roles, key)
         with _progress() as progress:
-            task = progress.add_task("replay", total=None, visible="replay" in roles)
-
-            def on_progress(done: int, total: int) -> None:
-                progress.update(task, completed=done, total=total)
-
+            on_progress = _replay_progress(progress, settings) if "replay" in roles else None
             await run_roles(platform, roles, stop, on_progress=on_progress)
     console.print("defiwatch stopped.")
+
+
+async def _migrate_when_reachable(settings: Settings, stop: asyncio.Event) -> bool:
+    """Migrate the database, waiting with backoff (0.5 s doubling to 30 s) while it cannot be
+    reached: a database started after defiwatch, or restarting, is waited for, not a reason to
+    exit. Returns False when `stop` was set first."""
+    from defiwatch.store import upgrade
+    from defiwatch.store.db import database_unreachable
+
+    delay = 0.5
+    while True:
+        try:
+            await upgrade(settings.database_url)
+            return True
+        except Exception as exc:  # classified below: only an unreachable database is waited for
+            if not database_unreachable(exc):
+                raise
+            log.warning("database.unreachable", error=str(exc), error_type=type(exc).__name__,
+                        retry_in_s=delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            return False
+        delay = min(delay * 2, 30.0)
+
+
+def _replay_progress(progress: Progress, settings: Settings) -> Callable[[int, int], None]:
+    """Two bars for `run`'s replay: the backfill (records before the backfill date, at full
+    speed), then the paced streaming of the rest."""
+    from defiwatch.ingest.replay import backfill_end, count_records
+
+    start, end = settings.replay_window
+    until = backfill_end(start, end, setting=settings.replay_backfill_ts)
+    backfill = count_records(start_ts=start, end_ts=until) if until is not None else 0
+    speed = settings.replay_speed
+    loading = progress.add_task("backfill", total=backfill)
+    streaming = progress.add_task(f"streaming at {speed:g}x" if speed else "loading", total=None)
+
+    def on_progress(done: int, total: int) -> None:
+        progress.update(loading, completed=min(done, backfill))
+        progress.update(streaming, completed=max(done - backfill, 0), total=total - backfill)
+
+    return on_progress
 
 
 async def _demo_key(platform: Any) -> str:
@@ -160,16 +244,56 @@ def _banner(settings: Settings, roles: list[str], key: str | None) -> None:
         ws = f"{scheme}://{settings.gateway_host}:{settings.gateway_port}/v1/realtime"
         lines += [
             f"  realtime   {ws}   (protocol: docs/protocol.md)",
-            "  follow     defiwatch tail tvl_changes price_changes token:ethereum",
+            f"  follow     {_self_command()} tail tvl_changes price_changes token:ethereum",
         ]
     if "replay" in roles:
-        speed = settings.replay_speed
-        window = f"from {settings.replay_from or 'the start'} to {settings.replay_until or 'the end'}"
-        lines.append(f"  replay     bundled real data {window} at {speed:g}x"
-                     + (" (one day of data per second)" if speed == 86_400 else ""))
+        lines.append(f"  replay     {_replay_summary(settings)}")
     lines.append("  stop       Ctrl-C")
     for line in lines:
         console.print(line, highlight=False, soft_wrap=True)
+
+
+def _replay_summary(settings: Settings) -> str:
+    """What `run` replays, e.g. `bundled real data 2020-01-01 to 2025-12-19: up to 2025-11-19
+    at full speed, then one day of data per second (86400x)`."""
+    from defiwatch.ingest.replay import backfill_end, newest_ts
+
+    start, end = settings.replay_window
+    newest = newest_ts(start, end)
+    if newest is None:
+        return "bundled real data: nothing in the window (DEFIWATCH_REPLAY_FROM / _UNTIL)"
+    until = backfill_end(start, end, setting=settings.replay_backfill_ts)
+    speed = settings.replay_speed
+    pace = ("one day of data per second (86400x)" if speed == 86_400
+            else f"{speed:g} data seconds per second")
+    text = f"bundled real data {_day(start) if start else 'from the start'} to {_day(newest)}: "
+    if speed == 0:
+        return text + "all at full speed"
+    if until is None or until <= (start or 0):
+        return text + f"paced at {pace}"
+    if until > newest:
+        return text + "all at full speed (backfill covers the window)"
+    return text + f"up to {_day(until)} at full speed, then {pace}"
+
+
+def _day(ts: int) -> str:
+    return datetime.fromtimestamp(ts, UTC).date().isoformat()
+
+
+def _self_command() -> str:
+    """How the user's shell runs this same `defiwatch`: plain `defiwatch` when that is on PATH
+    and is this installation, else the venv's script (relative to the working directory when
+    under it, as `make run` from the repository gives `.venv/bin/defiwatch`), else
+    `python -m defiwatch` with this interpreter."""
+    script = Path(sys.executable).parent / "defiwatch"
+    found = shutil.which("defiwatch")
+    if found is not None and script.exists() and Path(found).resolve() == script.resolve():
+        return "defiwatch"
+    if not script.exists():
+        return f"{shlex.quote(sys.executable)} -m defiwatch"
+    with contextlib.suppress(ValueError):
+        return shlex.quote(str(script.absolute().relative_to(Path.cwd())))
+    return shlex.quote(str(script))
 
 
 @cli.command()
@@ -351,8 +475,6 @@ def replay_cmd(speed: float, sources: str | None, start: str | None, end: str | 
 def _date(text: str | None) -> int | None:
     if text is None:
         return None
-    from datetime import UTC, datetime
-
     try:
         return int(datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC).timestamp())
     except ValueError as exc:

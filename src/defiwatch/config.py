@@ -73,10 +73,18 @@ class Settings(BaseSettings):
     database_url: str = "sqlite+aiosqlite:///./var/defiwatch.db"
     redis_url: SecretStr | None = None
     redis_prefix: str = "dw:"  # every Redis key starts with this (lets tests and tenants share one)
+    # Seconds one Redis call of an API request may take (rate limiter, result cache, latest
+    # values, /v1/events, /readyz): a hung Redis then costs a request this much, not the
+    # stream client's 35 s. Over it the limiter lets the request pass and caches count a miss.
+    redis_request_timeout_s: float = Field(default=0.5, gt=0, le=30)
 
     # HTTP API.
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
+    # Request body caps, bytes: larger bodies get 413 (at once when Content-Length says so,
+    # else as soon as the streamed bytes cross the cap). The ingest routes have their own.
+    api_max_body_bytes: int = Field(default=1_048_576, ge=1_024)
+    api_max_ingest_body_bytes: int = Field(default=16_777_216, ge=1_024)
 
     # Event stream: how many events are retained for replay (approximate on Redis).
     stream_retention: int = Field(default=100_000, ge=100)
@@ -88,6 +96,9 @@ class Settings(BaseSettings):
     price_threshold_abs: float | None = Field(default=None, ge=0)
     processor_batch: int = Field(default=5_000, ge=1, le=100_000)
     processor_poll_s: float = Field(default=1.0, gt=0)  # fallback when no wake-up arrives
+    # Seconds between checks that the hot cache still holds its refill marker; a missing marker
+    # (Redis lost its data) rebuilds the cache from the database (processor/fill.py).
+    processor_cache_check_s: float = Field(default=5.0, gt=0)
 
     # Sources.
     defillama_api_url: str = "https://api.llama.fi"
@@ -102,6 +113,10 @@ class Settings(BaseSettings):
     # both kinds of event within seconds. None = from the oldest (2013) / to the newest point.
     replay_from: date | None = date(2020, 1, 1)
     replay_until: date | None = None
+    # Data before this date is loaded at full speed, later data paced by replay_speed, so the
+    # first `run` has current values within seconds. None = 30 days before the newest data of
+    # the window; set it to replay_from's date to pace the whole window.
+    replay_backfill_until: date | None = None
 
     # WebSocket gateway (gateway/). Limits per node; tier limits per key come from `tiers`.
     gateway_host: str = "127.0.0.1"
@@ -138,6 +153,14 @@ class Settings(BaseSettings):
     # Logging: "console" for people, "json" for machines.
     log_format: str = "console"
     log_level: str = "info"
+
+    # Ops listener (ops/listener.py): /healthz, /readyz, /metrics of a role process.
+    ops_enabled: bool = True
+    ops_host: str = "127.0.0.1"
+    # None: by the first role (processor 9101, gateway 9102, alerts 9103, notifier 9104,
+    # poller 9105, replay 9106; none for api, which serves them itself); 0 = no listener.
+    ops_port: int | None = Field(default=None, ge=0, le=65535)
+    ops_stale_s: float = Field(default=30.0, gt=0)  # a role silent this long makes /readyz 503
 
     # Analytic queries (query/, POST /v1/query/advanced, DefiLlama-compatible routes).
     query_statement_timeout_ms: int = Field(default=5_000, ge=10)  # per statement; over = 400
@@ -307,13 +330,12 @@ class Settings(BaseSettings):
     @property
     def replay_window(self) -> tuple[int | None, int | None]:
         """`replay_from` / `replay_until` as epoch seconds (UTC midnight)."""
+        return _epoch(self.replay_from), _epoch(self.replay_until)
 
-        def epoch(day: date | None) -> int | None:
-            if day is None:
-                return None
-            return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
-
-        return epoch(self.replay_from), epoch(self.replay_until)
+    @property
+    def replay_backfill_ts(self) -> int | None:
+        """`replay_backfill_until` as epoch seconds (UTC midnight); None = the default."""
+        return _epoch(self.replay_backfill_until)
 
     @property
     def is_postgres(self) -> bool:
@@ -334,6 +356,13 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml_path = Path(os.environ.get(f"{ENV_PREFIX}CONFIG", "defiwatch.toml"))
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_path))
+
+
+def _epoch(day: date | None) -> int | None:
+    """A date as the epoch seconds of its UTC midnight."""
+    if day is None:
+        return None
+    return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -73,6 +73,12 @@ async def test_a_point_fires_a_rule_into_history_outbox_and_alerts_stream(
     assert fired.detail["state"] == "firing" and fired.detail["reason"] == "condition_met"
     assert isinstance(fired.detail["user_id"], int)
     assert fired.detail["dedup_key"] == alert["dedup_key"]
+    # The alert names the stream event that fired it; the outbox payload carries the same.
+    [source] = [e for e in (await alerting.platform.stream.read(0, 1000)).events
+                if e.ts == T0 + 2 * HOUR]
+    assert source.type == "tvl_change" and source.offset > 0
+    assert fired.detail["trigger"] == {"type": "tvl_change", "offset": source.offset}
+    assert all(o["payload"]["detail"]["trigger"] == fired.detail["trigger"] for o in outbox)
     # Still below: no second alert (a level rule fires on entry, not on every tick).
     await alerting.ingest(point("aave", T0 + 3 * HOUR, 0.8e9))
     await engine.drain()

@@ -68,6 +68,13 @@ async def test_rule_fires_on_ingested_points(tmp_path: Path, timeout_factor: flo
             payload = standardwebhooks.Webhook(secret).verify(seen.body, seen.headers)
             assert payload["type"] == "alert_fired"
             assert payload["data"]["rule"]["id"] == rule.json()["id"]
+            # The body names the event that fired the rule; the events API returns it.
+            trigger = payload["data"]["event"]["detail"]["trigger"]
+            [source] = (await client.get("/v1/events", headers=auth, params={
+                "since": trigger["offset"] - 1, "limit": 1})).json()["data"]
+            assert trigger["type"] == source["type"] == "tvl_change"
+            assert (source["offset"], source["subject"]) == (trigger["offset"], "aave")
+            assert source["value"] == payload["data"]["event"]["value"] == 0.9e9
             async with asyncio.timeout(30 * timeout_factor):
                 while True:  # settled right after the receiver answered
                     [row] = (await client.get("/v1/notifications", headers=auth)).json()["data"]

@@ -16,13 +16,13 @@ import random
 import socket
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
 from llama_server import LlamaServer, Reply
 from prometheus_client import REGISTRY
 
+from conftest import require_real_data
 from defiwatch.domain import METRICS, NO_CHAIN, ProtocolMeta
 from defiwatch.ingest.base import IngestResult
 from defiwatch.ingest.defillama import (
@@ -35,8 +35,7 @@ from defiwatch.ingest.defillama import (
     parse_retry_after,
 )
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "defi-data"
-CAPTURE = DATA / "defillama" / "protocols_snapshot_2024-03.json"
+CAPTURE = "defillama/protocols_snapshot_2024-03.json"  # under ../shared/defi-data
 NOW = 1_710_158_400  # 2024-03-11 12:00 UTC, the day of the capture
 
 # No `/prices/current` capture exists (SOURCES.md, "Not found"): the shape follows DefiLlama's
@@ -55,9 +54,7 @@ Parsed = tuple[list[ProtocolMeta], list[RawPoint], Counter[str]]
 
 @pytest.fixture(scope="module")
 def capture_bytes() -> bytes:
-    if not CAPTURE.is_file():
-        pytest.skip(f"real DefiLlama capture not found at {CAPTURE} (see shared/defi-data)")
-    return CAPTURE.read_bytes()
+    return require_real_data(CAPTURE).read_bytes()
 
 
 @pytest.fixture(scope="module")

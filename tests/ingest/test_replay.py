@@ -1,4 +1,5 @@
-"""The bundled demo data and its replay: real files, a collecting sink, a fake clock for pacing."""
+"""The bundled demo data and its replay: real files, a collecting sink, a fake clock for pacing;
+then into the real store, where a restart catches up and an unready store is retried."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+from structlog.testing import capture_logs
 
+from conftest import require_real_data
+from defiwatch.config import Settings
 from defiwatch.domain import (
     NO_CHAIN,
     Point,
@@ -30,16 +35,20 @@ from defiwatch.errors import ValidationError
 from defiwatch.ingest.base import IngestResult
 from defiwatch.ingest.replay import (
     DEMO_DIR,
+    STREAMED_TAIL_S,
     PointRecord,
     ProtocolRecord,
+    backfill_end,
     count_records,
     iter_records,
     load_manifest,
+    newest_ts,
     replay,
 )
+from defiwatch.ingest.service import IngestService
+from defiwatch.store import create_engine, upgrade
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "defi-data"
 DAY = 86_400
 
 
@@ -299,6 +308,29 @@ async def test_pacing_waits_a_second_per_day_at_speed_86400() -> None:
     assert stats.wall_seconds == pytest.approx(1.0)
 
 
+async def test_the_backfill_is_not_paced_and_what_follows_is() -> None:
+    sink = Sink()
+    fake = FakeTime(sink)
+    stats = await replay(sink, speed=86_400, sources=["defillama_chain_tvl_6chains"],
+                         start_ts=utc(2022, 1, 1), end_ts=utc(2022, 1, 6),
+                         backfill_until=utc(2022, 1, 4), clock=fake.clock, sleep=fake.sleep)
+    # Days 1-3 go at once; day 4 anchors the pacing; day 5 waits one second for its time.
+    assert fake.sleeps == [pytest.approx(1.0)]
+    assert fake.points_at_sleep == [4 * 6]
+    assert stats.records == 5 * 6
+
+
+def test_the_default_backfill_ends_a_month_before_the_newest_data() -> None:
+    newest = max(e.last_ts for e in load_manifest().sources if e.last_ts is not None)
+    assert newest_ts() == newest
+    assert backfill_end() == newest - STREAMED_TAIL_S == backfill_end(utc(2020, 1, 1))
+    # A window ending earlier: a month before its own end; a short window: not before it.
+    assert backfill_end(None, utc(2022, 1, 1)) == utc(2022, 1, 1) - 1 - STREAMED_TAIL_S
+    assert backfill_end(utc(2021, 12, 25), utc(2022, 1, 1)) == utc(2021, 12, 25)
+    assert backfill_end(setting=utc(2021, 1, 1)) == utc(2021, 1, 1)
+    assert backfill_end(utc(2030, 1, 1)) is None and newest_ts(utc(2030, 1, 1)) is None
+
+
 async def test_a_long_gap_is_capped() -> None:
     fake = FakeTime()
     # derived ts-7d, ts-1d, snapshot ts: waits of 6 days (capped) and 1 day
@@ -353,9 +385,59 @@ async def test_bad_arguments_are_rejected() -> None:
         await replay(Sink(), speed=-1)
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} (the raw captures) is not present")
 def test_builder_reproduces_the_committed_files(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(REPO / "scripts/build_demo_data.py"), str(SHARED),
+    shared = require_real_data()
+    subprocess.run([sys.executable, str(REPO / "scripts/build_demo_data.py"), str(shared),
                     "--out", str(tmp_path)], check=True, capture_output=True)
     for path in sorted(DEMO_DIR.iterdir()):
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+# --- into the real store (SQLite and PostgreSQL): restarts and outages ---------------------
+
+# Four days of the six chains' TVL: 24 points, one pacing wait per day after the first.
+WINDOW: dict[str, Any] = {"sources": ["defillama_chain_tvl_6chains"],
+                          "start_ts": utc(2022, 1, 1), "end_ts": utc(2022, 1, 5)}
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """An engine on the test's empty database, not migrated: each test decides when."""
+    engine = create_engine(settings.database_url)
+    yield engine
+    await engine.dispose()
+
+
+async def test_a_restarted_replay_catches_up_without_pacing(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    await upgrade(settings.database_url)
+    first, again = FakeTime(), FakeTime()
+    stats = await replay(IngestService(engine), speed=86_400, clock=first.clock,
+                         sleep=first.sleep, **WINDOW)
+    assert stats.accepted == count_records(**WINDOW) == 24
+    assert len(first.sleeps) == 3  # paced: a second per day of data
+    stats = await replay(IngestService(engine), speed=86_400, clock=again.clock,
+                         sleep=again.sleep, **WINDOW)
+    assert again.sleeps == []  # all stored already: nothing waits
+    assert (stats.accepted, stats.duplicates) == (0, 24)
+
+
+async def test_an_unmigrated_store_is_retried_until_it_is_ready(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    backoffs: list[float] = []
+
+    async def migrate_while_backing_off(seconds: float) -> None:
+        # The replay's first backoff: another process finishes migrating meanwhile.
+        backoffs.append(seconds)
+        await upgrade(settings.database_url)
+
+    with capture_logs() as logs:
+        stats = await replay(IngestService(engine), speed=0, sleep=migrate_while_backing_off,
+                             **WINDOW)
+    assert backoffs == [0.5]
+    assert stats.accepted == 24 and not stats.stopped
+    failed = [e for e in logs if e["event"] == "replay.sink_failed"]
+    assert len(failed) == 1 and failed[0]["retry_in_s"] == 0.5
+    assert "points" in failed[0]["error"]  # the database's own text: no such table / relation

@@ -10,7 +10,8 @@ Per batch of stream entries (taken through a consumer group, so several workers 
    newer event of the series first), read and lock the instance states those events can touch,
    evaluate event by event through the index (alerts/evaluate.py), write alert_history rows
    (unique dedup key), notification_logs rows (the outbox) and alert events (the stream outbox),
-   the new states and the cursors. Commit.
+   the new states, the cursors and the group's stream position (where a worker started after
+   Redis lost the group resumes). Commit.
 3. Publish the alert events to the `alerts` stream, delete them from the stream outbox, and
    acknowledge the batch.
 
@@ -36,6 +37,7 @@ from typing import Any
 import msgspec
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
+from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -50,6 +52,7 @@ from defiwatch.domain import Event, EventType, Latest, SeriesKey
 from defiwatch.domain.changes import SeriesState, pct_change
 from defiwatch.domain.conditions import Sample
 from defiwatch.errors import DefiwatchError
+from defiwatch.ops import health
 from defiwatch.store import alerts as store
 from defiwatch.store import delivery
 from defiwatch.store.points import load_history
@@ -89,6 +92,9 @@ RULES = Gauge("defiwatch_alerts_rules_loaded", "Active (not paused) rules in the
 
 _VALUE_EVENTS = frozenset({EventType.TVL_CHANGE.value, EventType.PRICE_CHANGE.value})
 _DUE_BATCH = 500
+# Failures `run` retries: backends unreachable or answering errors (RedisError covers replies
+# such as NOGROUP that the stream group could not repair itself).
+_RETRYABLE = (DefiwatchError, SQLAlchemyError, RedisError, OSError, ConnectionError)
 
 
 def sample_of(event: Event) -> Sample:
@@ -178,7 +184,8 @@ class AlertEngine:
         """Create the consumer group if needed and load every active rule."""
         if self._started:
             return
-        await self._events.ensure("earliest" if self._cfg.start == "earliest" else "latest")
+        await self._events.ensure("earliest" if self._cfg.start == "earliest" else "latest",
+                                  committed=self._committed_position)
         await self.refresh_rules(force=True)
         self.index.prepare()
         # The loaded rules live as long as the process: move them out of the cyclic GC's
@@ -204,7 +211,7 @@ class AlertEngine:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process until `stop` is set; failures are logged and retried with backoff."""
-        delay = 0.5
+        delay, failures = 0.5, 0
         next_claim = next_tick = 0.0
         while not stop.is_set():
             try:
@@ -228,10 +235,18 @@ class AlertEngine:
                     await self.tick()
                     await self.republish(older_than_s=self._cfg.republish_after_s)
                     next_tick = time.monotonic() + self._cfg.tick_s
-                delay = 0.5
-            except (DefiwatchError, SQLAlchemyError, OSError, ConnectionError) as exc:
+                if failures:
+                    log.info("alerts.recovered", failures=failures)
+                delay, failures = 0.5, 0
+                health.beat("alerts")
+            except _RETRYABLE as exc:
+                # Never exit for good on a backend error (a Redis that lost its data answers
+                # errors until the group is recreated): retry with backoff, logging each try.
                 self._recover = True
-                log.warning("alerts.batch_failed", error=repr(exc), retry_in_s=delay)
+                failures += 1
+                log.warning("alerts.batch_failed", error=str(exc), error_type=type(exc).__name__,
+                            failures=failures, retry_in_s=delay)
+                health.beat("alerts", error=str(exc), idle_s=delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 30.0)
@@ -297,7 +312,7 @@ class AlertEngine:
             await self._fill_custom_windows(samples)
             foreign = await self._foreign(samples)
             try:
-                outbox = await self._apply(samples, foreign)
+                outbox = await self._apply(samples, foreign, max(d.offset for d in deliveries))
             except BaseException:
                 # The index primed fresh rules for evaluations that were rolled back.
                 self.index.unprime()
@@ -370,8 +385,11 @@ class AlertEngine:
             await conn.commit()
 
     async def _apply(
-        self, samples: Sequence[tuple[Event, Sample]], foreign: Callable[[str], Sample | None]
+        self, samples: Sequence[tuple[Event, Sample]], foreign: Callable[[str], Sample | None],
+        position: int,
     ) -> _Outbox:
+        """Evaluate and record `samples` in one transaction, with the group's `position` (the
+        newest offset of their batch: every entry up to it is then applied or needs nothing)."""
         now = self._clock()
         series = sorted({s.key for _, s in samples})
         multi: set[int] = set()
@@ -420,7 +438,23 @@ class AlertEngine:
             await self._save(conn, view, changed, now)
             await store.save_cursors(conn, applied, now)
             outbox.ids = await self._queue(conn, outbox, now)
+            # Last: the position row is the one row every worker's batch writes; its lock is
+            # held only from here to the commit, and taken after all the others (no deadlock).
+            await self._save_position(conn, position, now)
         return outbox
+
+    async def _save_position(self, conn: AsyncConnection, offset: int, now: float) -> None:
+        """Commit the group's stream position with the batch: a worker started after Redis lost
+        the group recreates it there (stream/group.py start_id), not at the newest entry.
+        A batch of only unwatched events does not move it: re-delivering those costs little."""
+        epoch = self._events.epoch
+        if epoch is not None:
+            await store.save_group_position(conn, self._events.group, epoch, offset, now)
+
+    async def _committed_position(self) -> tuple[str, int] | None:
+        """The position `_save_position` last committed for this group (read by `ensure`)."""
+        async with self._db.connect() as conn:
+            return await store.load_group_position(conn, self._events.group)
 
     # --- recording decisions ---------------------------------------------------------------
 

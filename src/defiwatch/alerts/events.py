@@ -1,12 +1,17 @@
 """Fired and resolved alerts as events on the `alerts` stream (and as notification payloads).
 
-An alert event has the one event shape of DESIGN.md section 3: the series fields and values are
+An alert event has the one event shape (`domain/events.py`): the series fields and values are
 those of the observation that decided the transition; `type` is `alert_fired` or
 `alert_resolved`; `detail` says whose alert it is and why (the gateway routes it to
 `detail.user_id` only)::
 
     detail = {user_id, rule_id, rule_name, alert_id, instance, state, reason, dedup_key,
-              severity, fired_at, resolved_at, suppressed}
+              severity, fired_at, resolved_at, suppressed, trigger}
+
+`trigger` is `{type, offset}` of the stream event that decided the transition (None when a
+timer decided it without one): the alert event's own `type` and `offset` are those of the
+alert, so without it a webhook receiver could not tell which tvl_change or price_change fired
+the rule, nor fetch it (`GET /v1/events?since=<offset - 1>&limit=1`).
 
 The alerts stream deduplicates per (rule, instance) on `ts` (`alert_stream_key`), so republishing
 an event after a crash adds nothing twice. `ts` is the observation time, bumped by one second
@@ -61,6 +66,7 @@ def build_alert_event(
 ) -> Event:
     """An alert event from the observation (`source`, an event as a dict) that decided it."""
     src = source or {}
+    trigger = {"type": src.get("type"), "offset": src.get("offset")} if src else None
     metric, _, rest = series.partition("|")
     subject, _, chain = rest.partition("|")
     return Event(
@@ -78,7 +84,7 @@ def build_alert_event(
         ts=ts,
         emitted_at=now,
         source="alerts",
-        detail=detail,
+        detail={**detail, "trigger": trigger},
     )
 
 

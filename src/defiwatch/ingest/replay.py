@@ -9,6 +9,13 @@ holds one source, one JSON array per line, sorted by ts:
 
 Files are streamed line by line and merged in time order with `heapq.merge`, so a replay holds
 one decoded line per file in memory, not the data set.
+
+Pacing has two phases, so a first `defiwatch run` shows current-looking data within seconds
+instead of after half an hour of history: records before `backfill_until` are delivered as
+fast as the store takes them (the backfill), later ones are paced by data time (streaming).
+Data the store already holds also plays at full speed (it answers duplicates), so a restarted
+replay catches up in seconds and paces only what is new. Sink failures a restart of the
+database cures (down, restarting, tables not migrated yet) are retried with backoff.
 """
 
 from __future__ import annotations
@@ -21,35 +28,42 @@ import math
 import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
+from functools import partial
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import structlog
 from prometheus_client import Counter, Gauge
+from sqlalchemy.exc import SQLAlchemyError
 
 from defiwatch.domain import ProtocolMeta
-from defiwatch.errors import ValidationError
+from defiwatch.errors import BackendUnavailable, ValidationError
 from defiwatch.ingest.base import PointSink
+from defiwatch.ops import health
 
 __all__ = [
     "DEMO_DIR",
     "MAX_WAIT",
+    "STREAMED_TAIL_S",
     "Manifest",
     "ManifestEntry",
     "PointRecord",
     "ProtocolRecord",
     "Record",
     "ReplayStats",
+    "backfill_end",
     "count_records",
     "iter_records",
     "load_manifest",
+    "newest_ts",
     "replay",
     "select_entries",
 ]
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 # Path(__file__) rather than importlib.resources: gzip needs a real file, and the package is
 # always installed unzipped (setuptools package-data), so the two agree.
@@ -62,9 +76,21 @@ MAX_WAIT = 1.0
 # Pacing waits shorter than this are deferred and added up, so dense data (5-minute ticks at
 # high speed) becomes a few batches per second instead of one sleep and one tiny batch per tick.
 _GRANULARITY = 0.05
+# The default streamed part of a window: its last 30 days of data (30 wall seconds at one day
+# per second), enough to watch events arrive; everything older is backfilled at full speed.
+STREAMED_TAIL_S = 30 * 86_400
+# What a sink raises while the database is down, restarting or not migrated yet (SQLite's
+# "no such table" while another process migrates). Retrying is safe: the store is idempotent.
+_RETRYABLE: tuple[type[Exception], ...] = (
+    SQLAlchemyError, OSError, ConnectionError, BackendUnavailable,
+)
+_RETRY_FIRST_S = 0.5
+_RETRY_CAP_S = 30.0
 
 RECORDS = Counter("defiwatch_replay_records_total", "Demo records replayed into the sink",
                   ["source", "kind"])
+RETRIES = Counter("defiwatch_replay_sink_retries_total",
+                  "Sink calls of the replay that failed and were retried")
 WAITED = Counter("defiwatch_replay_wait_seconds_total", "Wall seconds spent pacing by data time")
 GAPS = Counter("defiwatch_replay_gaps_capped_total",
                "Pacing waits cut to MAX_WAIT because of a long gap in data time")
@@ -260,6 +286,45 @@ def count_records(
     return total
 
 
+def backfill_end(
+    start_ts: int | None = None,
+    end_ts: int | None = None,
+    *,
+    setting: int | None = None,
+    sources: Iterable[str] | None = None,
+    data_dir: Path | None = None,
+    tail_s: int = STREAMED_TAIL_S,
+) -> int | None:
+    """Where the backfill of a window [start_ts, end_ts) ends (epoch s): `setting` when given,
+    else `tail_s` data seconds before the window's newest record, not before `start_ts`. None
+    when the window holds no data."""
+    if setting is not None:
+        return setting
+    newest = newest_ts(start_ts, end_ts, sources=sources, data_dir=data_dir)
+    if newest is None:
+        return None
+    return newest - tail_s if start_ts is None else max(newest - tail_s, start_ts)
+
+
+def newest_ts(
+    start_ts: int | None = None,
+    end_ts: int | None = None,
+    *,
+    sources: Iterable[str] | None = None,
+    data_dir: Path | None = None,
+) -> int | None:
+    """The data time of the newest record in [start_ts, end_ts), from the manifest (`end_ts - 1`
+    when the window cuts a file); None when the window holds no data."""
+    newest = [
+        min(e.last_ts, end_ts - 1) if end_ts is not None else e.last_ts
+        for e in select_entries(load_manifest(data_dir), sources)
+        if e.first_ts is not None and e.last_ts is not None
+        and (end_ts is None or e.first_ts < end_ts)
+        and (start_ts is None or e.last_ts >= start_ts)
+    ]
+    return max(newest, default=None)
+
+
 class _Run:
     """State of one replay: pending batches, pacing anchor and stats.
 
@@ -281,9 +346,14 @@ class _Run:
         clock: Callable[[], float],
         sleep: Callable[[float], Awaitable[object]],
         max_wait: float,
+        backfill_until: int | None,
     ) -> None:
         self.sink = sink
         self.speed = speed
+        self.backfill_until = backfill_until
+        # True while the store answers nothing but duplicates (a restarted replay going over
+        # what it already delivered): such data is not paced.
+        self.catching_up = False
         self.batch_size = batch_size
         self.total = total
         self.on_progress = on_progress
@@ -310,10 +380,12 @@ class _Run:
         for rec in records:
             if self.stopping():
                 break
-            if self.speed > 0:
+            if self.paced(rec.ts):
                 await self.pace(rec.ts)
                 if self.stopping():
                     break
+            else:
+                self.anchor = None  # pacing starts afresh at the next paced record
             if isinstance(rec, PointRecord):
                 await self.flush_metas()
                 self.points.setdefault(rec.source, []).append(rec.as_raw())
@@ -340,6 +412,14 @@ class _Run:
         await self.flush()
         self.progress()
 
+    def paced(self, ts: int) -> bool:
+        """Whether a record of data time `ts` waits for its time: not during the backfill, nor
+        while catching up over stored data in the first pass (in later passes of a loop
+        everything is stored, and full speed would spin)."""
+        if self.speed == 0 or (self.catching_up and self.stats.passes == 1):
+            return False
+        return self.backfill_until is None or ts >= self.backfill_until
+
     async def pace(self, ts: int) -> None:
         """Wait until `ts` is due: data seconds / speed after the anchor, in wall seconds."""
         now = self.clock()
@@ -357,8 +437,11 @@ class _Run:
             return
         # Subscribers should see everything up to now before we idle.
         await self.flush()
+        if not self.paced(ts):
+            return  # the store answered duplicates only: catching up, no wait
         capped = wait > self.max_wait
         slept = min(wait, self.max_wait)
+        health.beat("replay", idle_s=slept)
         await self.sleep(slept)
         WAITED.inc(slept)
         if capped:
@@ -369,6 +452,7 @@ class _Run:
     async def flush(self) -> None:
         await self.flush_points()
         await self.flush_metas()
+        health.beat("replay")
         if self.speed == 0:
             await asyncio.sleep(0)  # let other tasks run between batches at full speed
 
@@ -376,8 +460,13 @@ class _Run:
         if not self.points:
             return
         batches, self.points, self.n_points = self.points, {}, 0
+        accepted = duplicates = 0
         for source, raw in batches.items():
-            result = await self.sink.ingest_points(raw, source=source)
+            result = await self.deliver(partial(self.sink.ingest_points, raw, source=source))
+            if result is None:
+                return  # stopped while the store was unreachable
+            accepted += result.accepted
+            duplicates += len(result.duplicates)
             self.stats.accepted += result.accepted
             self.stats.duplicates += len(result.duplicates)
             self.stats.rejected += len(result.rejected)
@@ -386,6 +475,7 @@ class _Run:
                 first = result.rejected[0]
                 log.info("replay.rejected", source=source, count=len(result.rejected),
                          first_field=first.field, first_reason=first.reason)
+        self.catching_up = accepted == 0 and duplicates > 0
         self.after_flush()
 
     async def flush_metas(self) -> None:
@@ -393,9 +483,41 @@ class _Run:
             return
         (ts, source), metas = self.meta_key, self.metas
         self.metas, self.meta_key = [], None
-        self.stats.protocol_changes += await self.sink.ingest_protocols(metas, ts=ts, source=source)
+        changes = await self.deliver(partial(self.sink.ingest_protocols, metas, ts=ts,
+                                             source=source))
+        self.stats.protocol_changes += changes or 0
         self.stats.batches += 1
         self.after_flush()
+
+    async def deliver(self, call: Callable[[], Awaitable[T]]) -> T | None:
+        """`call()` into the sink, retried with backoff (0.5 s doubling to 30 s) while the
+        store is unreachable; None when `stop` is set before it succeeded."""
+        delay = _RETRY_FIRST_S
+        while True:
+            try:
+                return await call()
+            except _RETRYABLE as exc:
+                RETRIES.inc()
+                log.warning("replay.sink_failed", error=str(exc), error_type=type(exc).__name__,
+                            retry_in_s=delay)
+                health.beat("replay", error=str(exc), idle_s=delay)
+                await self.rest(delay)
+                if self.stopping():
+                    return None
+                delay = min(delay * 2, _RETRY_CAP_S)
+
+    async def rest(self, seconds: float) -> None:
+        """Sleep `seconds` (with the injected sleep), cut short when `stop` is set."""
+        if self.stop is None:
+            await self.sleep(seconds)
+            return
+        sleeping = asyncio.ensure_future(self.sleep(seconds))
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait({sleeping, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            stopping.cancel()
 
     def after_flush(self) -> None:
         for (source, kind), n in self.tally.items():
@@ -417,6 +539,7 @@ async def replay(
     sources: Iterable[str] | None = None,
     start_ts: int | None = None,
     end_ts: int | None = None,
+    backfill_until: int | None = None,
     batch_size: int = 2000,
     loop: bool = False,
     on_progress: Callable[[int, int], object] | None = None,
@@ -426,7 +549,8 @@ async def replay(
     data_dir: Path | None = None,
     max_wait: float = MAX_WAIT,
 ) -> ReplayStats:
-    """Push the demo records into `sink` in time order, paced by data time.
+    """Push the demo records into `sink` in time order: a backfill at full speed, then paced
+    by data time.
 
     Args:
         sink: where points and protocol metadata go (the ingest service).
@@ -435,14 +559,18 @@ async def replay(
             the data play as `max_wait`.
         sources: file or source names to replay (see `select_entries`); None = all.
         start_ts, end_ts: data-time window [start_ts, end_ts) in epoch seconds; None = open.
+        backfill_until: records before this data time (epoch s) are delivered at full speed,
+            later ones paced (see `backfill_end`); None = pace from the start.
+            Records the store answers only duplicates for are never paced in the first pass.
         batch_size: points per `ingest_points` call (at most; pacing flushes earlier).
         loop: start again when the data ends, until `stop` is set. The sink deduplicates per
             (series, ts), so later passes only re-add what the store no longer holds.
         on_progress: called with (records done in this pass, records per pass) after each
             batch and at the end of a pass.
         stop: when set, pending points are flushed and the replay returns (within one wait,
-            at most `max_wait` seconds).
-        clock, sleep: monotonic seconds and the sleep used for pacing; injectable for tests.
+            at most `max_wait` seconds, also while retrying an unreachable store).
+        clock, sleep: monotonic seconds and the sleep used for pacing and retry backoff;
+            injectable for tests.
         data_dir: another folder in the demo format (default: the bundled data).
         max_wait: cap on one pacing wait, wall seconds.
 
@@ -460,10 +588,10 @@ async def replay(
     total = count_records(data_dir, selected, start_ts, end_ts)
     run = _Run(
         sink, speed=speed, batch_size=batch_size, total=total, on_progress=on_progress,
-        stop=stop, clock=clock, sleep=sleep, max_wait=max_wait,
+        stop=stop, clock=clock, sleep=sleep, max_wait=max_wait, backfill_until=backfill_until,
     )
     log.info("replay.started", files=selected, records=total, speed=speed,
-             start_ts=start_ts, end_ts=end_ts, loop=loop)
+             start_ts=start_ts, end_ts=end_ts, backfill_until=backfill_until, loop=loop)
     started = clock()
     while True:
         run.stats.passes += 1
