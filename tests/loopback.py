@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 
@@ -15,13 +17,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def wait_until_ready(url: str) -> None:
-    """Poll a readiness URL until it answers 200; the caller bounds the wait with a timeout."""
+async def readiness_until(url: str, wanted: Callable[[int, Any], bool]) -> dict[str, Any]:
+    """Poll a readiness URL until `wanted(status, body)` holds, and return that body; the
+    caller bounds the wait. Polling: a port being bound raises no event to await."""
     async with httpx.AsyncClient(timeout=2) as client:
         while True:
             try:
-                if (await client.get(url)).status_code == 200:
-                    return
+                response = await client.get(url)
             except httpx.TransportError:
-                pass  # not listening yet
-            await asyncio.sleep(0.1)
+                response = None  # not listening yet
+            if response is not None and wanted(response.status_code, response.json()):
+                return dict(response.json())
+            await asyncio.sleep(0.05)
+
+
+async def wait_until_ready(url: str) -> None:
+    await readiness_until(url, lambda status, _: status == 200)

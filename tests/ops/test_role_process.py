@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from loopback import free_port
+from loopback import free_port, readiness_until
 
 
 async def next_log(stream: asyncio.StreamReader, event: str) -> dict[str, Any]:
@@ -73,7 +73,8 @@ async def test_a_processor_that_cannot_publish_is_not_ready_and_says_why(tmp_pat
             source="test")
         roles = asyncio.create_task(run_roles(platform, ["processor"], stop))
         try:
-            body = await until_not_ready(f"http://127.0.0.1:{settings.ops_port}/readyz")
+            body = await readiness_until(f"http://127.0.0.1:{settings.ops_port}/readyz",
+                                         lambda status, _: status == 503)
         finally:
             stop.set()
             await roles
@@ -82,15 +83,3 @@ async def test_a_processor_that_cannot_publish_is_not_ready_and_says_why(tmp_pat
     assert processor["state"] in ("degraded", "failed")
     assert processor["error"]  # the error text, for the operator
 
-
-async def until_not_ready(url: str) -> dict[str, Any]:
-    """Poll readiness until it answers 503 (the listener is up once run_roles runs)."""
-    async with httpx.AsyncClient() as client:
-        while True:
-            try:
-                response = await client.get(url)
-            except httpx.ConnectError:
-                response = None
-            if response is not None and response.status_code == 503:
-                return dict(response.json())
-            await asyncio.sleep(0.05)  # polling a port: there is no event to await

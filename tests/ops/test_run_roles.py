@@ -8,25 +8,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import httpx
 from structlog.testing import capture_logs
 
 from defiwatch.app import open_platform, run_roles
 from defiwatch.config import Settings
-from loopback import free_port
-
-
-async def readiness_until(url: str, wanted: Any) -> dict[str, Any]:
-    """Poll readiness until `wanted(status, body)` holds."""
-    async with httpx.AsyncClient() as client:
-        while True:
-            try:
-                response = await client.get(url)
-            except httpx.ConnectError:
-                response = None
-            if response is not None and wanted(response.status_code, response.json()):
-                return dict(response.json())
-            await asyncio.sleep(0.05)  # polling a port: there is no event to await
+from loopback import free_port, readiness_until
 
 
 async def test_a_role_that_fails_is_restarted_and_the_others_go_on(tmp_path: Path) -> None:
