@@ -8,6 +8,8 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from defiwatch.domain import Event, Latest
 from defiwatch.gateway.protocol import (
@@ -35,6 +37,7 @@ from defiwatch.gateway.protocol import (
     route,
     welcome_frame,
 )
+from defiwatch.jsondepth import MAX_JSON_DEPTH
 
 
 def ev(type_: str = "tvl_change", metric: str = "tvl", subject: str = "aave",
@@ -82,6 +85,10 @@ def test_channels_parse_to_canonical_names(name: str, kind: ChannelKind, canonic
     ("token:a:b:c", ErrorCode.UNKNOWN_CHANNEL),
     ("prices", ErrorCode.UNKNOWN_CHANNEL),
     ("user:alerts", ErrorCode.UNKNOWN_CHANNEL),
+    # a subject or chain longer than any stored: refused, not cut to another name
+    ("protocol:" + "a" * 121, ErrorCode.INVALID_REQUEST),
+    ("protocol:aave:" + "c" * 121, ErrorCode.INVALID_REQUEST),
+    ("token:coingecko:" + "e" * 111, ErrorCode.INVALID_REQUEST),
 ])
 def test_bad_channels_are_rejected_with_the_field(name: object, code: ErrorCode) -> None:
     rejection = parse_channel(name)
@@ -192,6 +199,16 @@ def test_valid_frames_become_commands(frame: dict[str, Any], command: object) ->
     ('{"type": "unsubscribe", "id": 1, "channel": "x:y"}', ErrorCode.UNKNOWN_CHANNEL, "channel", 1),
     ('{"type": "auth"}', ErrorCode.UNAUTHORIZED, "api_key", None),
     ('{"type": "auth", "api_key": 5, "id": "a"}', ErrorCode.UNAUTHORIZED, "api_key", "a"),
+    ('{"type": "subscribe", "id": 1, "channel": "tvl_changes", "since": 9223372036854775808}',
+     ErrorCode.INVALID_REQUEST, "since", 1),
+    ('{"type": "subscribe", "id": 1, "channel": "tvl_changes", "filter": {"chains": ["e\\u0000"]}}',
+     ErrorCode.INVALID_REQUEST, "filter.chains[0]", 1),
+    # Nested deeper than the decoder can follow: refused before decoding, id still echoed.
+    ('{"type": "subscribe", "id": "deep", "filter": ' + '{"not": ' * 5000 + "1" + "}" * 5000
+     + "}", ErrorCode.INVALID_REQUEST, "filter" + ".not" * (MAX_JSON_DEPTH - 1), "deep"),
+    ("[" * 100_000, ErrorCode.INVALID_REQUEST, "[0]" * MAX_JSON_DEPTH, None),
+    ('{"id": true, "x": ' + "[" * 5000 + "]" * 5000 + "}", ErrorCode.INVALID_REQUEST,
+     "x" + "[0]" * (MAX_JSON_DEPTH - 1), None),
 ])
 def test_bad_frames_become_rejections(raw: str, code: ErrorCode, field: str | None,
                                       request_id: object) -> None:
@@ -277,3 +294,20 @@ def test_latest_belongs(channel: str, item: Latest, flt: Filter | None, belongs:
     parsed = parse_channel(channel)
     assert isinstance(parsed, Channel)
     assert latest_belongs(parsed, item, flt) is belongs
+
+
+# Frames a client could send: any text, and JSON of any shape and nesting around a subscribe.
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+                     lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text() | st.binary().map(lambda b: b.decode("latin-1")),
+       wrap=st.integers(min_value=0, max_value=3_000), value=_JSON)
+def test_any_frame_is_parsed_or_refused_never_raises(text: str, wrap: int, value: Any) -> None:
+    frames = [text, '{"type": "subscribe", "id": 1, "channel": "tvl_changes", "filter": '
+              + "[" * wrap + json.dumps(value) + "]" * wrap + "}"]
+    for frame in frames:
+        assert isinstance(parse_client_frame(frame), Rejection | Subscribe | Unsubscribe | Ping
+                          | Auth)

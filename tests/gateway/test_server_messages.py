@@ -47,6 +47,9 @@ async def test_no_events_after_unsubscribe(rig: Rig) -> None:
     ('{"type": "subscribe", "id": 1, "channel": "tvl_changes", "since": "yesterday"}',
      "invalid_request", "since"),
     ('{"type": "ping"}', "invalid_request", "id"),
+    # deeper than the decoder recurses: an error frame, not a 1011 close
+    ('{"type": "ping", "id": 1, "x": ' + "[" * 5000 + "]" * 5000 + "}", "invalid_request",
+     "x" + "[0]" * 63),
 ])
 async def test_bad_messages_get_error_frames_and_the_connection_lives_on(
     rig: Rig, raw: str, code: str, field: str | None

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from defiwatch.domain.text import text_problem
 from defiwatch.errors import ValidationError
 
 __all__ = [
@@ -30,12 +31,14 @@ __all__ = [
     "Channel",
     "parse_channels",
     "url_host",
+    "validate_url",
 ]
 
 CHANNEL_TYPES = ("webhook", "email", "push", "chat")
 CHAT_PLATFORMS = ("slack", "discord", "teams", "mattermost", "generic")
 MAX_CHANNELS = 10
 _MAX_URL = 2_000
+_MAX_HOST = 253  # RFC 1035 2.3.4: a DNS name is at most 253 characters as text
 _MAX_ADDRESS = 254  # RFC 5321 path limit
 # Deliberately loose (one @, a dot in the domain, no spaces): the SMTP server is the judge;
 # we only catch typos such as a missing @ or a pasted name.
@@ -90,16 +93,42 @@ def url_host(url: str) -> str:
     return f"{host}:{port}" if port else host
 
 
-def _url(raw: Any, path: str) -> str:
+def validate_url(raw: Any, path: str) -> str:
+    """An absolute http(s) URL whose host can be looked up, stripped.
+
+    Raises:
+        ValidationError: with `field` = `path`.
+    """
     if not isinstance(raw, str) or not raw.strip():
         raise ValidationError("url is required (http:// or https://)", field=path)
     url = raw.strip()
     if len(url) > _MAX_URL:
         raise ValidationError(f"url is longer than {_MAX_URL} characters", field=path)
-    parts = urlsplit(url)
+    if problem := text_problem(url):
+        raise ValidationError(f"url {problem}", field=path)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port beyond 65535 or not a number
+    except ValueError as exc:
+        raise ValidationError(f"url cannot be parsed: {exc}", field=path) from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValidationError("url must be an absolute http:// or https:// URL", field=path)
+    if port == 0 or not _resolvable(parts.hostname):
+        raise ValidationError("url must name a valid host and port (DNS labels of 1 to 63 "
+                              f"characters, at most {_MAX_HOST} in all)", field=path)
     return url
+
+
+def _resolvable(host: str) -> bool:
+    """Whether `host` can be looked up at all: the resolver raises UnicodeError (not OSError)
+    for an over-long label, and the outbox's host column holds _MAX_HOST characters."""
+    if len(host) > _MAX_HOST or any(c.isspace() for c in host):
+        return False
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 def parse_channels(raw: Any, path: str = "channels") -> list[Channel]:
@@ -139,17 +168,17 @@ def _parse_one(item: Any, at: str) -> Channel:
         raise ValidationError(f"unknown field {unknown[0]!r} for a {kind} channel; it has "
                               f"{', '.join(sorted(_FIELDS[kind]))}", field=f"{at}.{unknown[0]}")
     if kind == "webhook":
-        return Channel(type=kind, url=_url(item.get("url"), f"{at}.url"))
+        return Channel(type=kind, url=validate_url(item.get("url"), f"{at}.url"))
     if kind == "email":
         address = item.get("address")
         if (not isinstance(address, str) or len(address) > _MAX_ADDRESS
-                or not _EMAIL_RE.match(address.strip())):
+                or text_problem(address) or not _EMAIL_RE.match(address.strip())):
             raise ValidationError("address must be an email address such as ops@example.com",
                                   field=f"{at}.address")
         return Channel(type=kind, address=address.strip())
     if kind == "push":
         device = item.get("device")
-        if device is not None and (not isinstance(device, str) or not _DEVICE_RE.match(device)):
+        if device is not None and (not isinstance(device, str) or not _DEVICE_RE.fullmatch(device)):
             raise ValidationError("device must be a registered device id (letters, digits, "
                                   "._:-), or omitted for every device", field=f"{at}.device")
         return Channel(type=kind, device=device)
@@ -157,7 +186,7 @@ def _parse_one(item: Any, at: str) -> Channel:
     if platform not in CHAT_PLATFORMS:
         raise ValidationError(f"unknown chat platform {platform!r}; known: "
                               f"{', '.join(CHAT_PLATFORMS)}", field=f"{at}.platform")
-    return Channel(type=kind, platform=platform, url=_url(item.get("url"), f"{at}.url"))
+    return Channel(type=kind, platform=platform, url=validate_url(item.get("url"), f"{at}.url"))
 
 
 CHANNELS_JSON_SCHEMA: dict[str, Any] = {

@@ -34,7 +34,14 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from defiwatch.domain.series import METRICS, NO_CHAIN, PRICE_METRICS, normalize_chain, normalize_subject
+from defiwatch.domain.series import (
+    METRICS,
+    NO_CHAIN,
+    PRICE_METRICS,
+    name_problem,
+    normalize_chain,
+    normalize_subject,
+)
 from defiwatch.errors import ValidationError
 
 __all__ = [
@@ -112,6 +119,7 @@ class Problem(enum.StrEnum):
     WINDOW_TOO_LONG = "window_too_long"
     WINDOW_NOT_ALLOWED = "window_not_allowed"
     BAD_SUBJECT = "bad_subject"
+    BAD_CHAIN = "bad_chain"
     CHAIN_NOT_ALLOWED = "chain_not_allowed"
     RECOVERY_NOT_ALLOWED = "recovery_not_allowed"
     RECOVERY_WRONG_SIDE = "recovery_wrong_side"
@@ -309,6 +317,8 @@ def _canonical_leaf(raw: Mapping[str, Any], path: str, *, under_not: bool) -> di
     if not isinstance(subject_raw, str) or not subject_raw.strip():
         raise _fail(Problem.BAD_SUBJECT, "subject must be a protocol slug, a coin id "
                     "(coingecko:bitcoin) or '*' for any", f"{path}.subject")
+    if problem := name_problem(subject_raw):
+        raise _fail(Problem.BAD_SUBJECT, f"subject {problem}", f"{path}.subject")
     if metric == CHANGE_METRIC:
         of = raw.get("of")
         if of is None:
@@ -333,6 +343,8 @@ def _canonical_leaf(raw: Mapping[str, Any], path: str, *, under_not: bool) -> di
     if chain_raw is not None and not isinstance(chain_raw, str):
         raise _fail(Problem.WRONG_TYPE, "chain must be a chain slug, '*' for any chain, or "
                     "omitted for the protocol total", f"{path}.chain")
+    if chain_raw is not None and (problem := name_problem(chain_raw)):
+        raise _fail(Problem.BAD_CHAIN, f"chain {problem}", f"{path}.chain")
     chain = ANY if chain_raw is not None and chain_raw.strip() == ANY else normalize_chain(chain_raw)
     if series_metric in PRICE_METRICS and chain != NO_CHAIN:
         raise _fail(Problem.CHAIN_NOT_ALLOWED, f"{series_metric} series have no chain; omit "

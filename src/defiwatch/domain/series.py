@@ -13,12 +13,16 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from defiwatch.domain.text import text_problem
+
 __all__ = [
+    "MAX_NAME_CHARS",
     "METRICS",
     "NO_CHAIN",
     "PRICE_METRICS",
     "TVL_SUBKEYS",
     "SeriesKey",
+    "name_problem",
     "normalize_chain",
     "normalize_subject",
     "split_chain_tvl_key",
@@ -45,7 +49,10 @@ _CHAIN_ALIASES = {
     "xdai": "gnosis",
 }
 _SLUG_RE = re.compile(r"[^a-z0-9.:_-]+")
-_MAX_NAME = 120
+# Longest subject or chain a client may send (characters, before normalising), set by the
+# narrowest columns (protocols.slug and chain: 120; points.subject: 160, room for the
+# `coingecko:` prefix). Longer names are refused (`name_problem`), never silently cut.
+MAX_NAME_CHARS = 120
 
 
 class SeriesKey(NamedTuple):
@@ -58,7 +65,14 @@ class SeriesKey(NamedTuple):
 
 
 def _slug(text: str) -> str:
-    return _SLUG_RE.sub("-", text.strip().lower()).strip("-")[:_MAX_NAME]
+    return _SLUG_RE.sub("-", text.strip().lower()).strip("-")[:MAX_NAME_CHARS]
+
+
+def name_problem(raw: str) -> str | None:
+    """Why a client's subject or chain cannot name one (too long, NUL, ...); None when it can."""
+    if len(raw) > MAX_NAME_CHARS:
+        return f"is longer than {MAX_NAME_CHARS} characters"
+    return text_problem(raw)
 
 
 def normalize_chain(name: str | None) -> str:

@@ -17,13 +17,14 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
 from defiwatch.domain import NO_CHAIN, Event, EventType, Latest, normalize_chain, normalize_subject
-from defiwatch.domain.series import PRICE_METRICS
+from defiwatch.domain.series import PRICE_METRICS, name_problem
+from defiwatch.jsondepth import MAX_JSON_DEPTH, too_deep, top_level_scalar
 
 __all__ = [
     "ALERTS_CHANNEL",
@@ -68,6 +69,7 @@ _MAX_ID_CHARS = 128
 _MAX_CHANNEL_CHARS = 256
 _MAX_FILTER_CHAINS = 100
 _MAX_EPOCH_CHARS = 128
+_MAX_OFFSET = 2**63 - 1  # offsets are signed 64-bit in Redis stream ids and in the database
 
 RequestId = str | int | None
 
@@ -197,6 +199,10 @@ def parse_channel(name: object) -> Channel | Rejection:
     if text == ALERTS_CHANNEL:
         return Channel(ChannelKind.ALERTS, text)
     prefix, _, rest = text.partition(":")
+    # The subject and chain named, capped as ingest caps them (never cut to another name).
+    for part in rest.split(":", 1) if prefix == "protocol" else [rest]:
+        if problem := name_problem(part):
+            return _invalid(f"a channel's subject or chain {problem}", "channel")
     if prefix == "protocol":
         slug_part, _, chain_part = rest.partition(":")
         slug = normalize_subject("tvl", slug_part)
@@ -270,6 +276,13 @@ def channel_matches(channel: Channel, event: Event, user_id: int | None = None) 
 
 def parse_client_frame(raw: str | bytes) -> Command | Rejection:
     """Parse one client frame into a command, or the reason it is refused. Never raises."""
+    # Measured before decoding: the decoder recurses, and a deep frame would raise
+    # RecursionError instead of being answered.
+    deep = too_deep(raw)
+    if deep is not None:
+        request_id = top_level_scalar(raw, "id")
+        return _invalid(f"the frame nests deeper than {MAX_JSON_DEPTH} levels", deep,
+                        request_id if _valid_id(request_id) else None)
     try:
         obj = _decoder.decode(raw)
     except msgspec.DecodeError as exc:
@@ -277,11 +290,7 @@ def parse_client_frame(raw: str | bytes) -> Command | Rejection:
     if not isinstance(obj, dict):
         return _invalid("a frame must be a JSON object", None)
     request_id = obj.get("id")
-    if request_id is not None and (
-        isinstance(request_id, bool)
-        or not isinstance(request_id, str | int)
-        or (isinstance(request_id, str) and len(request_id) > _MAX_ID_CHARS)
-    ):
+    if not _valid_id(request_id):
         return _invalid(f"id must be a string (at most {_MAX_ID_CHARS} characters) or an integer",
                         "id")
     kind = obj.get("type")
@@ -290,6 +299,13 @@ def parse_client_frame(raw: str | bytes) -> Command | Rejection:
         return _invalid(f"unknown message type {kind!r}; known: {', '.join(_PARSERS)}", "type",
                         request_id)
     return parser(obj, request_id)
+
+
+def _valid_id(value: object) -> TypeGuard[RequestId]:
+    """A request id is null, an integer, or a string of at most _MAX_ID_CHARS."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return True
+    return isinstance(value, str) and len(value) <= _MAX_ID_CHARS
 
 
 def _parse_subscribe(obj: dict[str, Any], request_id: RequestId) -> Command | Rejection:
@@ -302,8 +318,10 @@ def _parse_subscribe(obj: dict[str, Any], request_id: RequestId) -> Command | Re
     if isinstance(flt, Rejection):
         return _with_id(flt, request_id)
     since = obj.get("since")
-    if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
-        return _invalid("since must be a stream offset (an integer >= 0)", "since", request_id)
+    if since is not None and (isinstance(since, bool) or not isinstance(since, int)
+                              or not 0 <= since <= _MAX_OFFSET):
+        return _invalid("since must be a stream offset (an integer from 0 to 2^63-1)", "since",
+                        request_id)
     epoch = obj.get("epoch")
     if epoch is not None and (not isinstance(epoch, str) or len(epoch) > _MAX_EPOCH_CHARS):
         return _invalid("epoch must be the string from a welcome frame", "epoch", request_id)
@@ -350,6 +368,8 @@ def _parse_filter(raw: object, channel: Channel) -> Filter | Rejection | None:
         for i, chain in enumerate(chains_raw):
             if not isinstance(chain, str) or not chain.strip():
                 return _invalid("each chain must be a non-empty string", f"filter.chains[{i}]")
+            if problem := name_problem(chain):
+                return _invalid(f"chain {problem}", f"filter.chains[{i}]")
         chains = frozenset(normalize_chain(c) for c in chains_raw)
     if min_pct is None and chains is None:
         return None

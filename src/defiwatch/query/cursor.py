@@ -79,7 +79,8 @@ def decode_cursor(token: str, digest: str, sort: Sequence[SortColumn]) -> Cursor
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         decoded: Any = msgspec.msgpack.decode(raw)
-    except (binascii.Error, ValueError, msgspec.DecodeError):
+    except (binascii.Error, ValueError, msgspec.DecodeError, RecursionError):
+        # RecursionError: a forged token of nested arrays (a real one nests two deep).
         raise _bad("is malformed") from None
     if not (isinstance(decoded, list) and len(decoded) in (4, 5)
             and type(decoded[0]) is int and decoded[0] == len(decoded) - 3):

@@ -58,6 +58,8 @@ def _hash(secret: str) -> str:
 
 
 def _parse(key: str) -> tuple[str, str] | None:
+    if not key.isascii() or "\x00" in key:  # keys are ASCII; PostgreSQL refuses NUL in text
+        return None
     parts = key.strip().split("_", 2)  # the secret itself may contain "_"
     if len(parts) != 3 or parts[0] != "dw" or not parts[1] or not parts[2]:
         return None

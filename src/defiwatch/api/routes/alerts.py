@@ -34,9 +34,11 @@ from defiwatch.alerts.rules import (
     compile_stored,
 )
 from defiwatch.api.auth import require
+from defiwatch.api.params import EpochFloat, Name, Offset, RowId, Text
 from defiwatch.api.responses import json_response
 from defiwatch.api.routes.endpoints import notify_settings
 from defiwatch.api.routes.notifications import notification_out
+from defiwatch.api.schemas import AlertDetail, AlertOut, AlertPage, RuleTestResult
 from defiwatch.domain import Latest, SeriesKey, normalize_subject
 from defiwatch.domain.changes import SeriesState, pct_change
 from defiwatch.domain.channels import CHANNELS_JSON_SCHEMA, parse_channels
@@ -66,8 +68,8 @@ _TEST_SCAN = 5_000  # and looks at most at this many matching series
 _TEST_SEND_INTERVAL_S = 10.0  # one test send per rule this often (429 otherwise)
 
 Auth = Annotated[Principal, Depends(require("alerts"))]
-RuleId = Annotated[int, Path(ge=1, description="the rule's id")]
-AlertId = Annotated[int, Path(ge=1, description="the alert's id (history row)")]
+RuleId = Annotated[RowId, Path(description="the rule's id")]
+AlertId = Annotated[RowId, Path(description="the alert's id (history row)")]
 Condition = Annotated[dict[str, Any], WithJsonSchema(CONDITION_JSON_SCHEMA)]
 Channels = Annotated[list[Any], WithJsonSchema(CHANNELS_JSON_SCHEMA)]
 Severity = Literal["info", "warning", "critical"]
@@ -87,8 +89,8 @@ class RuleCreate(BaseModel):
         "throttle_minutes": 30,
     }]})
 
-    name: str = Field(min_length=1, max_length=120)
-    description: str | None = Field(default=None, max_length=1000)
+    name: Text = Field(min_length=1, max_length=120)
+    description: Text | None = Field(default=None, max_length=1000)
     condition: Condition
     channels: Channels
     for_seconds: float = Field(default=0, ge=0, le=MAX_FOR_SECONDS,
@@ -111,8 +113,8 @@ class RulePatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(default=None, min_length=1, max_length=120)
-    description: str | None = Field(default=None, max_length=1000)
+    name: Text | None = Field(default=None, min_length=1, max_length=120)
+    description: Text | None = Field(default=None, max_length=1000)
     condition: Condition | None = None
     channels: Channels | None = None
     for_seconds: float | None = Field(default=None, ge=0, le=MAX_FOR_SECONDS)
@@ -280,11 +282,11 @@ async def list_rules(
     principal: Auth,
     paused: Annotated[bool | None, Query(description="only paused (true) or active (false)")] = None,
     severity: Severity | None = None,
-    metric: Annotated[str | None, Query(description="rules watching this series metric")] = None,
-    subject: Annotated[str | None, Query(description="rules naming this subject (or *)")] = None,
-    name: Annotated[str | None, Query(max_length=120, description="name contains")] = None,
+    metric: Annotated[Text | None, Query(description="rules watching this series metric")] = None,
+    subject: Annotated[Name | None, Query(description="rules naming this subject (or *)")] = None,
+    name: Annotated[Text | None, Query(max_length=120, description="name contains")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    after: Annotated[int, Query(ge=0, description="id of the last rule already seen")] = 0,
+    after: Annotated[Offset, Query(description="id of the last rule already seen")] = 0,
 ) -> Response:
     if subject is not None and subject != "*":
         subject = normalize_subject(metric or ("price" if ":" in subject else "tvl"), subject)
@@ -407,6 +409,7 @@ async def _custom_windows(conn: AsyncConnection, rule: CompiledRule, sample: Sam
     "(an alert-shaped event with `type` \"test\"), whatever the evaluation says, and returns "
     "their ids in `queued`: follow them in GET /v1/notifications?kind=test. One test send per "
     f"rule every {_TEST_SEND_INTERVAL_S:g} s (429 with Retry-After otherwise).",
+    response_model=RuleTestResult,
     responses={429: {"description": "a test send of this rule was queued less than "
                                     f"{_TEST_SEND_INTERVAL_S:g} s ago (code rate_limited)"}},
 )
@@ -557,18 +560,19 @@ def _alert_out(alert: store.AlertRow) -> dict[str, Any]:
     summary="Your fired alerts, newest first, with the event that fired each",
     description="Page with `before=meta.next_before`. `state` is firing or resolved; "
     "`suppressed` says why a fire was not notified (e.g. snoozed).",
+    response_model=AlertPage,
 )
 async def list_history(
     request: Request,
     principal: Auth,
-    rule_id: Annotated[int | None, Query(ge=1)] = None,
+    rule_id: RowId | None = None,
     state: Literal["firing", "resolved"] | None = None,
-    subject: Annotated[str | None, Query(description="series subject, e.g. aave")] = None,
-    since: Annotated[float | None, Query(description="fired at or after (epoch s)")] = None,
-    until: Annotated[float | None, Query(description="fired before (epoch s)")] = None,
+    subject: Annotated[Name | None, Query(description="series subject, e.g. aave")] = None,
+    since: Annotated[EpochFloat | None, Query(description="fired at or after (epoch s)")] = None,
+    until: Annotated[EpochFloat | None, Query(description="fired before (epoch s)")] = None,
     acknowledged: bool | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    before: Annotated[int | None, Query(ge=1, description="id of the oldest alert seen")] = None,
+    before: Annotated[RowId | None, Query(description="id of the oldest alert seen")] = None,
 ) -> Response:
     async with request.app.state.ctx.engine.connect() as conn:
         alerts, total = await store.list_alerts(
@@ -587,7 +591,8 @@ async def _owned_alert(conn: AsyncConnection, principal: Principal, alert_id: in
     return alert
 
 
-@router.get("/history/{alert_id}", summary="One alert with its queued notifications")
+@router.get("/history/{alert_id}", summary="One alert with its queued notifications",
+            response_model=AlertDetail)
 async def get_alert(alert_id: AlertId, request: Request, principal: Auth) -> Response:
     async with request.app.state.ctx.engine.connect() as conn:
         alert = await _owned_alert(conn, principal, alert_id)
@@ -618,7 +623,8 @@ async def _update_instance(conn: AsyncConnection, alert: store.AlertRow, now: fl
                                     msgspec.to_builtins(state), due)], now)
 
 
-@router.post("/history/{alert_id}/ack", summary="Acknowledge an alert: no more repeats")
+@router.post("/history/{alert_id}/ack", summary="Acknowledge an alert: no more repeats",
+             response_model=AlertOut)
 async def ack_alert(alert_id: AlertId, request: Request, principal: Auth) -> Response:
     now = time.time()
     async with request.app.state.ctx.engine.begin() as conn:
@@ -637,6 +643,7 @@ async def ack_alert(alert_id: AlertId, request: Request, principal: Auth) -> Res
     description="Give `until` (epoch s) or `minutes`. While snoozed, transitions of this rule "
     "on this series are still recorded, but nothing is notified; a repeat due meanwhile waits "
     f"for the end. At most {_MAX_SNOOZE_S // 86_400} days.",
+    response_model=AlertOut,
 )
 async def snooze_alert(alert_id: AlertId, body: SnoozeRequest, request: Request,
                        principal: Auth) -> Response:
@@ -652,7 +659,8 @@ async def snooze_alert(alert_id: AlertId, body: SnoozeRequest, request: Request,
     return await _set_snooze(request, principal, alert_id, until, now)
 
 
-@router.delete("/history/{alert_id}/snooze", summary="End an alert's snooze now")
+@router.delete("/history/{alert_id}/snooze", summary="End an alert's snooze now",
+               response_model=AlertOut)
 async def unsnooze_alert(alert_id: AlertId, request: Request, principal: Auth) -> Response:
     return await _set_snooze(request, principal, alert_id, None, time.time())
 

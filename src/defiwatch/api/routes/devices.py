@@ -28,8 +28,10 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from defiwatch.api.auth import require
+from defiwatch.api.params import Text
 from defiwatch.api.responses import json_response
 from defiwatch.api.routes.endpoints import notify_settings
+from defiwatch.domain.channels import validate_url
 from defiwatch.errors import DefiwatchError, NotFoundError, ValidationError
 from defiwatch.notify.factory import address_guard
 from defiwatch.notify.senders.webpush import VapidKey
@@ -80,7 +82,7 @@ class PushSubscription(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    endpoint: str = Field(min_length=1, max_length=2000,
+    endpoint: Text = Field(min_length=1, max_length=2000,
                           description="the push service URL (https)")
     expiration_time: float | None = Field(default=None, alias="expirationTime",
                                           description="ignored (browsers send null)")
@@ -103,7 +105,7 @@ class DeviceCreate(BaseModel):
         "replaces its subscription and re-enables it. Omitted: the device already holding this "
         "endpoint, else a new `dev_<8 hex>`")
     subscription: PushSubscription
-    user_agent: str | None = Field(default=None, max_length=300,
+    user_agent: Text | None = Field(default=None, max_length=300,
                                    description="shown in the device list to tell devices apart")
 
 
@@ -155,7 +157,7 @@ def _device_out(row: store.Device) -> dict[str, Any]:
 
 
 def _b64url(value: str, field: str) -> bytes:
-    if not _B64URL.match(value):
+    if not _B64URL.fullmatch(value):
         raise ValidationError("must be base64url (A-Z a-z 0-9 - _, as toJSON() gives)",
                               field=field)
     text = value.rstrip("=")
@@ -190,7 +192,7 @@ async def _check_endpoint(request: Request, url: str) -> str:
         ValidationError: any of it fails (`destination_blocked` for an SSRF refusal).
     """
     field = "subscription.endpoint"
-    url = url.strip()
+    url = validate_url(url, field)
     guard = address_guard(notify_settings(request))
     parts = urlsplit(url)
     host = parts.hostname or ""

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from defiwatch.api.auth import require
+from defiwatch.api.params import RowId
 from defiwatch.api.responses import json_response
 from defiwatch.config import Settings
 from defiwatch.errors import NotFoundError, ValidationError
@@ -31,7 +32,7 @@ router = APIRouter(prefix="/v1/endpoints", tags=["delivery"])
 
 
 Auth = Annotated[Principal, Depends(require("alerts"))]
-EndpointId = Annotated[int, Path(ge=1, description="the endpoint's id")]
+EndpointId = Annotated[RowId, Path(description="the endpoint's id")]
 
 
 def notify_settings(request: Request) -> Settings:

@@ -8,6 +8,8 @@ import msgspec
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from defiwatch.api.auth import require
+from defiwatch.api.params import Offset
+from defiwatch.api.schemas import EventPage
 from defiwatch.store.keys import Principal
 
 router = APIRouter(prefix="/v1", tags=["events"])
@@ -20,11 +22,12 @@ _ENCODER = msgspec.json.Encoder()
     summary="Events with offset > since, oldest first",
     description="Page with `since=meta.next_since`. `meta.gap` is true when events after "
     "`since` were already trimmed from the stream's retention.",
+    response_model=EventPage,
 )
 async def list_events(
     request: Request,
     _principal: Annotated[Principal, Depends(require("read"))],
-    since: Annotated[int, Query(ge=0, description="offset already seen; 0 = from the oldest")] = 0,
+    since: Annotated[Offset, Query(description="offset already seen; 0 = from the oldest")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Response:
     page = await request.app.state.ctx.stream.read(since, limit)

@@ -8,6 +8,8 @@ import msgspec
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from defiwatch.api.auth import require
+from defiwatch.api.params import Name
+from defiwatch.api.schemas import LatestPage
 from defiwatch.domain import METRICS, normalize_chain, normalize_subject
 from defiwatch.errors import ValidationError
 from defiwatch.store.keys import Principal
@@ -17,13 +19,14 @@ router = APIRouter(prefix="/v1", tags=["latest"])
 _ENCODER = msgspec.json.Encoder()
 
 
-@router.get("/latest", summary="Newest value per series, filtered by metric, subject, chain")
+@router.get("/latest", summary="Newest value per series, filtered by metric, subject, chain",
+            response_model=LatestPage)
 async def latest(
     request: Request,
     _principal: Annotated[Principal, Depends(require("read"))],
     metric: Annotated[str | None, Query(description="e.g. tvl, chain_tvl, price")] = None,
-    subject: Annotated[str | None, Query(description="protocol slug or coingecko:{id}")] = None,
-    chain: Annotated[str | None, Query(description="chain slug; '-' = all chains")] = None,
+    subject: Annotated[Name | None, Query(description="protocol slug or coingecko:{id}")] = None,
+    chain: Annotated[Name | None, Query(description="chain slug; '-' = all chains")] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
 ) -> Response:
     if metric is not None and metric not in METRICS:

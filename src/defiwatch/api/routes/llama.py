@@ -24,7 +24,17 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from defiwatch.api.auth import key_from_request
+from defiwatch.api.params import EpochSeconds, Name
 from defiwatch.api.routes.query import query_service
+from defiwatch.api.schemas import (
+    ChainTvl,
+    CoinChart,
+    CoinPrices,
+    DatedTvl,
+    LlamaProtocol,
+    LlamaProtocolDetail,
+)
+from defiwatch.domain.series import name_problem
 from defiwatch.errors import AuthError, NotFoundError, ScopeError, ValidationError
 from defiwatch.query import Deps
 from defiwatch.query import llama as data
@@ -93,16 +103,21 @@ def _coins(raw: str) -> list[str]:
         raise ValidationError("name at least one coin, e.g. coingecko:ethereum", field="coins")
     if len(coins) > _MAX_COINS:
         raise ValidationError(f"at most {_MAX_COINS} coins per request", field="coins")
+    for coin in coins:
+        if problem := name_problem(coin):
+            raise ValidationError(f"coin {coin[:40]!r} {problem}", field="coins")
     return list(dict.fromkeys(coins))
 
 
-@router.get("/protocols", summary="All protocols with current TVL (DefiLlama /protocols)")
+@router.get("/protocols", summary="All protocols with current TVL (DefiLlama /protocols)",
+            response_model=list[LlamaProtocol])
 async def protocols(request: Request, _reader: Reader) -> Response:
     return await _answer(request, "protocols", _PROTOCOL_DEPS, data.protocols_list, index=True)
 
 
-@router.get("/protocol/{slug}", summary="A protocol's TVL history by chain (/protocol/{slug})")
-async def protocol(request: Request, slug: str, _reader: Reader) -> Response:
+@router.get("/protocol/{slug}", summary="A protocol's TVL history by chain (/protocol/{slug})",
+            response_model=LlamaProtocolDetail)
+async def protocol(request: Request, slug: Name, _reader: Reader) -> Response:
     async def compute(conn: AsyncConnection) -> Any:
         found = await data.protocol(conn, slug)
         if found is None:
@@ -112,8 +127,9 @@ async def protocol(request: Request, slug: str, _reader: Reader) -> Response:
     return await _answer(request, "protocol", _PROTOCOL_DEPS, compute, index=True)
 
 
-@router.get("/tvl/{slug}", summary="A protocol's current TVL as a bare number (/tvl/{slug})")
-async def current_tvl(request: Request, slug: str, _reader: Reader) -> Response:
+@router.get("/tvl/{slug}", summary="A protocol's current TVL as a bare number (/tvl/{slug})",
+            response_model=float)
+async def current_tvl(request: Request, slug: Name, _reader: Reader) -> Response:
     async def compute(conn: AsyncConnection) -> Any:
         value = await data.tvl(conn, slug)
         if value is None:
@@ -124,13 +140,15 @@ async def current_tvl(request: Request, slug: str, _reader: Reader) -> Response:
                          index=True)
 
 
-@router.get("/v2/chains", summary="Current TVL of every chain (/v2/chains)")
+@router.get("/v2/chains", summary="Current TVL of every chain (/v2/chains)",
+            response_model=list[ChainTvl])
 async def v2_chains(request: Request, _reader: Reader) -> Response:
     return await _answer(request, "chains", Deps(frozenset({"chain_tvl"})), data.chains,
                          index=True)
 
 
-@router.get("/v2/historicalChainTvl", summary="Daily TVL summed over chains")
+@router.get("/v2/historicalChainTvl", summary="Daily TVL summed over chains",
+            response_model=list[DatedTvl])
 async def historical_all(request: Request, _reader: Reader) -> Response:
     async def compute(conn: AsyncConnection) -> Any:
         return await data.chain_tvl_history(conn, None)
@@ -139,8 +157,9 @@ async def historical_all(request: Request, _reader: Reader) -> Response:
                          compute)
 
 
-@router.get("/v2/historicalChainTvl/{chain}", summary="Daily TVL of one chain")
-async def historical_chain(request: Request, chain: str, _reader: Reader) -> Response:
+@router.get("/v2/historicalChainTvl/{chain}", summary="Daily TVL of one chain",
+            response_model=list[DatedTvl])
+async def historical_chain(request: Request, chain: Name, _reader: Reader) -> Response:
     async def compute(conn: AsyncConnection) -> Any:
         rows = await data.chain_tvl_history(conn, chain)
         if not rows:
@@ -151,7 +170,8 @@ async def historical_chain(request: Request, chain: str, _reader: Reader) -> Res
                          compute)
 
 
-@router.get("/prices/current/{coins}", summary="Newest prices (coins.llama.fi /prices/current)")
+@router.get("/prices/current/{coins}", summary="Newest prices (coins.llama.fi /prices/current)",
+            response_model=CoinPrices)
 async def prices_current(
     request: Request, coins: str, _reader: Reader,
     searchWidth: Annotated[  # DefiLlama's parameter names, hence camelCase
@@ -170,9 +190,10 @@ async def prices_current(
                          cacheable=not_before is None)
 
 
-@router.get("/prices/historical/{timestamp}/{coins}", summary="Prices at a time")
+@router.get("/prices/historical/{timestamp}/{coins}", summary="Prices at a time",
+            response_model=CoinPrices)
 async def prices_historical(
-    request: Request, timestamp: int, coins: str, _reader: Reader,
+    request: Request, timestamp: EpochSeconds, coins: str, _reader: Reader,
     searchWidth: str = _DEFAULT_WIDTH,
 ) -> Response:
     ids = _coins(coins)
@@ -185,10 +206,11 @@ async def prices_historical(
     return await _answer(request, "prices_historical", deps, compute)
 
 
-@router.get("/chart/{coins}", summary="Prices at regular intervals (coins.llama.fi /chart)")
+@router.get("/chart/{coins}", summary="Prices at regular intervals (coins.llama.fi /chart)",
+            response_model=CoinChart)
 async def chart(
     request: Request, coins: str, _reader: Reader,
-    start: int | None = None, end: int | None = None,
+    start: EpochSeconds | None = None, end: EpochSeconds | None = None,
     span: Annotated[int | None, Query(ge=1)] = None,
     period: str = "24h",
     searchWidth: str | None = None,

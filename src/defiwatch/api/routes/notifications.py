@@ -15,10 +15,12 @@ import zoneinfo
 from typing import Annotated, Any, Literal
 
 import msgspec
+from annotated_types import Ge, Le
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from defiwatch.api.auth import require
+from defiwatch.api.params import EpochFloat, RowId, Text
 from defiwatch.api.responses import json_response
 from defiwatch.api.routes.endpoints import display_target, notify_settings
 from defiwatch.domain.channels import CHANNEL_TYPES
@@ -32,9 +34,10 @@ __all__ = ["NotificationStateError", "notification_out", "router"]
 router = APIRouter(prefix="/v1/notifications", tags=["delivery"])
 
 _HHMM = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+_MAX_PER_MINUTE = 1_000_000  # a per-channel ceiling beyond any real rate: "unlimited" is 0
 
 Auth = Annotated[Principal, Depends(require("alerts"))]
-NotificationId = Annotated[int, Path(ge=1, description="the notification's id")]
+NotificationId = Annotated[RowId, Path(description="the notification's id")]
 Status = Literal["pending", "held", "sending", "delivered", "dead", "digested", "expanded"]
 Kind = Literal["alert_fired", "alert_resolved", "test", "digest", "endpoint_disabled"]
 Channel = Literal["webhook", "email", "push", "chat"]
@@ -104,7 +107,7 @@ class PreferencesIn(BaseModel):
         "quiet_allow_critical": True, "max_per_minute": {"email": 5, "push": 0},
     }]})
 
-    timezone: str = Field(default="UTC", max_length=64,
+    timezone: Text = Field(default="UTC", max_length=64,
                           description="IANA time zone of the quiet hours, e.g. Europe/Paris")
     quiet_start: str | None = Field(default=None, description="HH:MM local; give both or "
                                                                "neither")
@@ -112,7 +115,7 @@ class PreferencesIn(BaseModel):
                                                              "quiet_start: over midnight)")
     quiet_allow_critical: bool = Field(default=True, description="critical alerts are "
                                                                  "delivered during quiet hours")
-    max_per_minute: dict[str, int] = Field(
+    max_per_minute: dict[str, Annotated[int, Ge(0), Le(_MAX_PER_MINUTE)]] = Field(
         default_factory=dict, description="per channel (webhook, email, push, chat): at most "
         "this many notifications a minute, the rest held and sent as a digest; 0: unlimited; "
         "a missing channel: the server default")
@@ -168,20 +171,17 @@ async def put_preferences(body: PreferencesIn, request: Request, principal: Auth
                               "Europe/Paris or UTC", field="timezone") from exc
     for name in ("quiet_start", "quiet_end"):
         value = getattr(body, name)
-        if value is not None and not _HHMM.match(value):
+        if value is not None and not _HHMM.fullmatch(value):
             raise ValidationError("must be HH:MM (24 h, local time)", field=name)
     if (body.quiet_start is None) != (body.quiet_end is None):
         missing = "quiet_end" if body.quiet_end is None else "quiet_start"
         raise ValidationError("give both quiet_start and quiet_end, or neither", field=missing)
     if body.quiet_start is not None and body.quiet_start == body.quiet_end:
         raise ValidationError("quiet_end must differ from quiet_start", field="quiet_end")
-    for channel, limit in body.max_per_minute.items():
+    for channel in body.max_per_minute:
         if channel not in CHANNEL_TYPES:
             raise ValidationError(f"unknown channel {channel!r}; known: "
                                   f"{', '.join(CHANNEL_TYPES)}", field=f"max_per_minute.{channel}")
-        if limit < 0:
-            raise ValidationError("must be 0 (unlimited) or more",
-                                  field=f"max_per_minute.{channel}")
     prefs = endpoint_store.Preferences(
         principal.user_id, timezone=body.timezone, quiet_start=body.quiet_start, quiet_end=body.quiet_end,
         quiet_allow_critical=body.quiet_allow_critical, max_per_minute=dict(body.max_per_minute))
@@ -206,12 +206,12 @@ async def list_notifications(
     status: Status | None = None,
     channel: Channel | None = None,
     kind: Kind | None = None,
-    rule_id: Annotated[int | None, Query(ge=1)] = None,
-    alert_id: Annotated[int | None, Query(ge=1)] = None,
-    since: Annotated[float | None, Query(description="queued at or after (epoch s)")] = None,
-    until: Annotated[float | None, Query(description="queued before (epoch s)")] = None,
+    rule_id: RowId | None = None,
+    alert_id: RowId | None = None,
+    since: Annotated[EpochFloat | None, Query(description="queued at or after (epoch s)")] = None,
+    until: Annotated[EpochFloat | None, Query(description="queued before (epoch s)")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    before: Annotated[int | None, Query(ge=1, description="id of the oldest one seen")] = None,
+    before: Annotated[RowId | None, Query(description="id of the oldest one seen")] = None,
 ) -> Response:
     async with request.app.state.ctx.engine.connect() as conn:
         rows = await store.list_notifications(

@@ -8,6 +8,7 @@ import msgspec
 from fastapi import APIRouter, Depends, Request, Response
 
 from defiwatch.api.auth import require
+from defiwatch.api.schemas import QueryAnswer, QueryFields, ref
 from defiwatch.errors import ValidationError
 from defiwatch.query import MemoryResultCache, QueryService
 from defiwatch.query.fields import DATASETS
@@ -62,7 +63,11 @@ _EXAMPLES: dict[str, Any] = {
     "`?format=csv`) returns CSV with the meta in `X-Query-*` headers. A rejected query is a "
     "400 whose `error.field` is the JSON path of the bad part.",
     openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"type": "object"}, "examples": _EXAMPLES}}}},
+        "schema": ref("Query"), "examples": _EXAMPLES}}}},
+    response_model=QueryAnswer,
+    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}},
+               410: {"description": "the listing a cursor pages through expired "
+                                    "(code cursor_expired): start again without `cursor`"}},
 )
 async def advanced(
     request: Request,
@@ -90,7 +95,8 @@ async def advanced(
     return Response(answer.json(), media_type="application/json", headers=meta)
 
 
-@router.get("/fields", summary="Datasets and their fields (the whitelist queries use)")
+@router.get("/fields", summary="Datasets and their fields (the whitelist queries use)",
+            response_model=QueryFields)
 async def fields(_principal: Annotated[Principal, Depends(require("read"))]) -> dict[str, Any]:
     return {name: {"description": ds.description, "history": ds.history,
                    "fields": {f.name: {"type": f.type.value, "description": f.description}
