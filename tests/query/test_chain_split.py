@@ -175,3 +175,19 @@ async def test_the_chain_split_follows_the_newest_chain_observation(
     newest = await client.post("/v1/query/advanced", json={
         "select": ["slug", "tvl"], "where": {"field": "slug", "op": "eq", "value": "aave"}})
     assert newest.json()["data"] == [{"slug": "aave", "tvl": 1200.0}]
+
+
+async def test_a_protocol_known_only_by_its_points_is_served(settings: Settings) -> None:
+    """Points ingested before the protocol's metadata or snapshot exist (was a 500)."""
+    async with open_platform(settings) as platform:
+        result = await platform.ingest.ingest_points(
+            [_point("fresh-protocol", "ethereum", NOW_TS, 5.0)], source="test")
+        assert not result.rejected, result.rejected
+        key = await make_key(platform, "read")
+        async with app_for(platform, make_service(platform)) as client:
+            response = await client.get("/protocol/fresh-protocol",
+                                        headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["slug"] == "fresh-protocol"
+    assert body["chainTvls"]["Ethereum"]["tvl"] == [{"date": NOW_TS, "totalLiquidityUSD": 5.0}]

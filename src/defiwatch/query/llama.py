@@ -156,10 +156,11 @@ def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _protocol_object(meta: Any, snap: Any, chain_tvls: dict[str, float],
+def _protocol_object(slug: str, meta: Any, snap: Any, chain_tvls: dict[str, float],
                      observed: _Observed | None) -> dict[str, Any]:
+    """A protocol as DefiLlama lists it; `meta` and `snap` may be missing (points ingested
+    before the protocol's metadata or snapshot exist)."""
     chains = [chain_name(c) for c in (meta.chains if meta is not None else None) or []]
-    slug = meta.slug if meta is not None else snap.slug
     obj: dict[str, Any] = {
         "id": slug, "name": meta.name if meta is not None else slug, "address": None,
         "symbol": (meta.symbol if meta is not None else None) or "-",
@@ -220,7 +221,7 @@ async def protocols_list(conn: AsyncConnection) -> list[dict[str, Any]]:
                             if r.metric == "tvl" and r.chain != NO_CHAIN and r.ts == at)
             observed = _Observed(total, *(None if ref is None else pct_change(total, ref)
                                           for ref in refs))
-        objects.append(_protocol_object(metas.get(slug), snap, chain_tvls, observed))
+        objects.append(_protocol_object(slug, metas.get(slug), snap, chain_tvls, observed))
     objects.sort(key=lambda o: (o["tvl"] is None, -(o["tvl"] or 0.0), o["slug"]))
     return objects
 
@@ -255,7 +256,7 @@ async def protocol(conn: AsyncConnection, slug: str) -> dict[str, Any] | None:
         last = next((x for x in reversed(items) if x["date"] <= (at or 0)), None)
         if last is not None and last["date"] == at:
             current[key] = float(last["totalLiquidityUSD"])
-    obj = _protocol_object(meta, snap, current, None)
+    obj = _protocol_object(slug, meta, snap, current, None)
     for key in ("chainTvls", "tvl", "change_1h", "change_1d", "change_7d", "tokenBreakdowns"):
         obj.pop(key, None)
     obj.update({
