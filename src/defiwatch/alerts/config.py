@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AlertsApiConfig", "EngineConfig", "default_consumer_name"]
 
-# Rules per user when no Settings were given (DESIGN.md: free 5, pro 100, enterprise 1,000).
+# Rules per user when no Settings were given (README, Tiers: free 5, pro 100, enterprise 1,000).
 _DEFAULT_LIMITS = {"free": 5, "pro": 100, "enterprise": 1_000}
 
 

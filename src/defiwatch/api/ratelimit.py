@@ -1,4 +1,4 @@
-"""Per-tier API rate limits (DESIGN.md: free 60, pro 600, enterprise 6,000 requests a minute).
+"""Per-tier API rate limits (README, Tiers: free 60, pro 600, enterprise 6,000 requests a minute).
 
 Algorithm: GCRA (the generic cell rate algorithm, as in ATM networks and e.g. the `redis-cell`
 module). Each caller has a theoretical arrival time (TAT); a request moves it one emission

@@ -230,7 +230,7 @@ def parse_channel(name: object) -> Channel | Rejection:
 
 
 def route(event: Event) -> list[str]:
-    """The public channels an event of the event stream belongs to (DESIGN.md 3).
+    """The public channels an event of the event stream belongs to (docs/protocol.md, Channels).
 
     tvl_change of a protocol -> `protocol:{slug}`, and when on one chain `protocol:{slug}:{chain}`
     and `chain:{chain}`; of a chain's own TVL (`chain_tvl`) -> `chain:{chain}`; both also
@@ -442,7 +442,7 @@ def api_key_from_request(headers: Mapping[str, str], path: str) -> str | None:
 
 
 def encode_event(event: Event) -> bytes:
-    """The event's JSON (DESIGN.md 3 shape), encoded once and shared by every frame of it."""
+    """The event's JSON (docs/protocol.md, Frames), encoded once and shared by every frame."""
     return _encoder.encode(event)
 
 
