@@ -210,8 +210,15 @@ class Sent:
 
     def __init__(self) -> None:
         self.status = 0
+        self.headers: dict[bytes, bytes] = {}
         self.body = b""
         self.read = 0
+
+    @property
+    def closes(self) -> bool:
+        """The server is told to close rather than drain the unread body (uvicorn reads a
+        kept-alive request's whole body to reach the next one)."""
+        return self.headers.get(b"connection") == b"close"
 
     @property
     def error(self) -> dict[str, Any]:
@@ -241,6 +248,7 @@ async def call(app: FastAPI, path: str, headers: dict[str, str], chunks: Iterabl
     async def send(message: MutableMapping[str, Any]) -> None:
         if message["type"] == "http.response.start":
             sent.status = message["status"]
+            sent.headers = dict(message.get("headers", []))
         else:
             sent.body += message.get("body", b"")
 
@@ -271,14 +279,14 @@ async def test_no_body_byte_is_read_before_the_key_is_checked(
     sent = await call(app, "/v1/ingest", headers, junk(size), content_length=size)
     assert sent.status == 401
     assert sent.error["code"] == "unauthorized" and sent.error["temporary"] is False
-    assert sent.read == 0
+    assert sent.read == 0 and sent.closes
 
 
 async def test_a_declared_length_above_the_cap_is_refused_at_once(
         gated: tuple[FastAPI, dict[str, str]]) -> None:
     app, auth = gated
     sent = await call(app, "/v1/alerts/rules", auth, junk(2 * CAP), content_length=2 * CAP)
-    assert (sent.status, sent.error["code"], sent.read) == (413, "too_large", 0)
+    assert (sent.status, sent.error["code"], sent.read, sent.closes) == (413, "too_large", 0, True)
     # The ingest route has its own, larger cap: the same body is read (and is not JSON).
     sent = await call(app, "/v1/ingest", auth, junk(2 * CAP), content_length=2 * CAP)
     assert sent.status == 400 and sent.read == 2 * CAP
@@ -289,7 +297,7 @@ async def test_a_streamed_body_is_cut_off_at_the_cap(
         gated: tuple[FastAPI, dict[str, str]], path: str, cap: int) -> None:
     app, auth = gated
     sent = await call(app, path, auth, junk(4 * cap))
-    assert (sent.status, sent.error["code"]) == (413, "too_large")
+    assert (sent.status, sent.error["code"], sent.closes) == (413, "too_large", True)
     assert cap < sent.read <= cap + CHUNK  # reading stopped at the first chunk past the cap
 
 

@@ -34,7 +34,7 @@ from defiwatch.store.db import DATABASE_ERRORS, database_unreachable
 if TYPE_CHECKING:
     from defiwatch.config import Settings
 
-__all__ = ["BODY_METHODS", "BodyGateMiddleware", "BodyLimits", "BodyTooLarge"]
+__all__ = ["BODY_METHODS", "CLOSE", "BodyGateMiddleware", "BodyLimits", "BodyTooLarge"]
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _MIB = 1_048_576
@@ -65,6 +65,11 @@ class BodyLimits:
 
     def for_path(self, path: str) -> int:
         return self.ingest_bytes if path.startswith(self.ingest_paths) else self.default_bytes
+
+
+# On a refusal with body bytes still unread: uvicorn would otherwise read a kept-alive
+# request's whole body (300 MB, say) to reach the next request; told to close, it drops it.
+CLOSE = (b"connection", b"close")
 
 
 def _too_large(cap: int) -> BodyTooLarge:
@@ -105,7 +110,7 @@ class BodyGateMiddleware:
             return
         refusal = await self._refusal(scope)
         if refusal is not None:
-            await send_error(send, refusal)
+            await send_error(send, refusal, headers=[CLOSE])
             return
         await self._app(scope, self._counting(receive, self._limits.for_path(scope["path"])),
                         send)
@@ -140,7 +145,8 @@ class BodyGateMiddleware:
                 if seen > cap:
                     # An HTTPException, because FastAPI turns any other error raised while it
                     # reads a body into a 400; the API's handler renders it as `too_large`.
-                    raise HTTPException(413, _too_large(cap).message)
+                    raise HTTPException(413, _too_large(cap).message,
+                                        headers={"Connection": "close"})
             return message
 
         return counted

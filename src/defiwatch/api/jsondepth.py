@@ -6,7 +6,7 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from defiwatch.api.bodylimit import BodyTooLarge
+from defiwatch.api.bodylimit import CLOSE, BodyTooLarge
 from defiwatch.api.errors import send_error
 from defiwatch.errors import ValidationError
 from defiwatch.jsondepth import MAX_JSON_DEPTH, too_deep
@@ -34,7 +34,7 @@ class JsonDepthMiddleware:
         except HTTPException as exc:  # the body gate failing the read: over the cap (413)
             if exc.status_code != BodyTooLarge.http_status:
                 raise
-            await send_error(send, BodyTooLarge(str(exc.detail)))
+            await send_error(send, BodyTooLarge(str(exc.detail)), headers=[CLOSE])
             return
         path = too_deep(body, self.limit)
         if path is not None:
