@@ -21,6 +21,7 @@ from defiwatch.api import ApiContext, create_app
 from defiwatch.api.ratelimit import MemoryRateStore, RateLimiter, RateStore, RedisRateStore
 from defiwatch.cache import HotCache, MemoryHotCache, RedisHotCache
 from defiwatch.config import Settings
+from defiwatch.cooldown import REQUEST_PATH_COOLDOWN_S, Cooldown
 from defiwatch.domain import ChangeDetector, Thresholds
 from defiwatch.gateway import Gateway, SocketIOServer
 from defiwatch.gateway.gcpolicy import FreezeAfterFullCollections
@@ -34,7 +35,14 @@ from defiwatch.ops.health import Health
 from defiwatch.ops.listener import listener_port, serve_ops
 from defiwatch.ops.supervisor import supervise
 from defiwatch.processor import CacheFiller, Processor, Wakeup, listen_postgres
-from defiwatch.query import Limits, MemoryResultCache, QueryService, ReadModel, RedisResultCache
+from defiwatch.query import (
+    CoolingResultCache,
+    Limits,
+    MemoryResultCache,
+    QueryService,
+    ReadModel,
+    RedisResultCache,
+)
 from defiwatch.query.cache import ResultCache
 from defiwatch.store import create_engine, upgrade
 from defiwatch.store.db import raw_dsn
@@ -165,7 +173,8 @@ class _Server(uvicorn.Server):
 def query_service(platform: Platform) -> QueryService:
     s = platform.settings
     cache: ResultCache = (
-        RedisResultCache(platform.request_redis, prefix=s.redis_prefix)
+        CoolingResultCache(RedisResultCache(platform.request_redis, prefix=s.redis_prefix),
+                           Cooldown(REQUEST_PATH_COOLDOWN_S))
         if platform.request_redis is not None else MemoryResultCache(s.query_cache_max_entries)
     )
     return QueryService(platform.engine, cache, read_model=ReadModel(platform.engine),

@@ -7,8 +7,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
-from defiwatch.query import MemoryResultCache, RedisResultCache, ResultCache
+from defiwatch.cooldown import Cooldown
+from defiwatch.errors import BackendUnavailable
+from defiwatch.query import CoolingResultCache, MemoryResultCache, RedisResultCache, ResultCache
+from loopback import free_port
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -90,3 +95,35 @@ async def test_a_failing_cache_costs_speed_not_answers(tmp_path: object) -> None
         assert [a.cache for a in answers] == ["miss", "miss"]
         assert CACHE_ERRORS._value.get() >= before + 2
         await broken.aclose()
+
+
+async def test_a_failed_backend_is_skipped_for_the_cooldown(redis_prefix: str) -> None:
+    """A Redis nobody listens on fails every call; after the first, calls fail at once (the
+    backend is not asked) until the cooldown has passed."""
+    now = [100.0]
+    client = aioredis.Redis(port=free_port(), socket_connect_timeout=1,
+                            retry=Retry(NoBackoff(), 0))  # as the API's request client
+    cache = CoolingResultCache(RedisResultCache(client, prefix=redis_prefix),
+                               Cooldown(1.0, clock=lambda: now[0]))
+    try:
+        with pytest.raises(BackendUnavailable, match="unreachable"):
+            await cache.get("k")
+        for call in (cache.get("k"), cache.put("k", b"v", 5), cache.touch("k", 5)):
+            with pytest.raises(BackendUnavailable, match="skipped for 1 s"):
+                await call
+        now[0] += 1.01
+        with pytest.raises(BackendUnavailable, match="unreachable"):
+            await cache.put("k", b"v", 5)
+    finally:
+        await client.aclose()
+
+
+async def test_a_working_backend_passes_through(redis_url: str, redis_prefix: str) -> None:
+    client = aioredis.from_url(redis_url)
+    cache = CoolingResultCache(RedisResultCache(client, prefix=redis_prefix), Cooldown(1.0))
+    try:
+        await cache.put("k", b"v", 5)
+        assert await cache.get("k") == b"v"
+        assert await cache.touch("k", 5)
+    finally:
+        await client.aclose()

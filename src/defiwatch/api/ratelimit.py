@@ -40,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from defiwatch.api.errors import send_error
 from defiwatch.api.keycache import KeyCache
+from defiwatch.cooldown import REQUEST_PATH_COOLDOWN_S, Cooldown
 from defiwatch.errors import BackendUnavailable, RateLimited
 from defiwatch.redis_keys import RedisKeys
 from defiwatch.store.db import DATABASE_ERRORS, database_unreachable
@@ -227,7 +228,7 @@ _ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]],
 
 # After a failed check, requests pass unchecked (still counted) this many seconds: during a
 # Redis stall each would otherwise wait the request timeout, and pile up on the pool.
-FAIL_OPEN_COOLDOWN_S = 1.0
+FAIL_OPEN_COOLDOWN_S = REQUEST_PATH_COOLDOWN_S
 
 
 class RateLimitMiddleware:
@@ -237,8 +238,7 @@ class RateLimitMiddleware:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._app = app
         self._limiter = limiter
-        self._clock = clock
-        self._unchecked_until = 0.0
+        self._cooldown = Cooldown(FAIL_OPEN_COOLDOWN_S, clock)
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Callable[[], Awaitable[Any]],
                        send: Callable[[MutableMapping[str, Any]], Awaitable[None]]) -> None:
@@ -246,7 +246,7 @@ class RateLimitMiddleware:
         if scope["type"] != "http" or path in EXEMPT_PATHS or path.startswith(EXEMPT_PREFIX):
             await self._app(scope, receive, send)
             return
-        if self._clock() < self._unchecked_until:
+        if self._cooldown.active:
             FAIL_OPEN.inc()
             await self._app(scope, receive, send)
             return
@@ -256,7 +256,7 @@ class RateLimitMiddleware:
                                                        client[0] if client else "unknown")
         except BackendUnavailable as exc:
             FAIL_OPEN.inc()
-            self._unchecked_until = self._clock() + FAIL_OPEN_COOLDOWN_S
+            self._cooldown.start()
             log.warning("ratelimit.fail_open", error=exc.message, path=path,
                         unchecked_for_s=FAIL_OPEN_COOLDOWN_S)
             await self._app(scope, receive, send)

@@ -5,7 +5,12 @@ Flow: dsl.py (JSON -> validated `Query`) -> compile.py (`Query` -> SQLAlchemy Co
 index.py maintains the protocol snapshot the `protocols` dataset reads.
 """
 
-from defiwatch.query.cache import MemoryResultCache, RedisResultCache, ResultCache
+from defiwatch.query.cache import (
+    CoolingResultCache,
+    MemoryResultCache,
+    RedisResultCache,
+    ResultCache,
+)
 from defiwatch.query.dsl import Limits, Query, parse_query
 from defiwatch.query.freshness import Deps
 from defiwatch.query.index import ReadModel
@@ -13,6 +18,7 @@ from defiwatch.query.service import Answer, CursorExpiredError, QueryService, Qu
 
 __all__ = [
     "Answer",
+    "CoolingResultCache",
     "CursorExpiredError",
     "Deps",
     "Limits",

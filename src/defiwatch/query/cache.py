@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from defiwatch.cooldown import Cooldown
 from defiwatch.errors import BackendUnavailable
 from defiwatch.redis_keys import RedisKeys
 
-__all__ = ["CacheEntry", "MemoryResultCache", "RedisResultCache", "ResultCache"]
+T = TypeVar("T")
+
+__all__ = ["CacheEntry", "CoolingResultCache", "MemoryResultCache", "RedisResultCache", "ResultCache"]
 
 
 class CacheEntry(msgspec.Struct, array_like=True, frozen=True):
@@ -146,3 +149,34 @@ class RedisResultCache:
 
     async def close(self) -> None:
         """The client belongs to the composition root, which closes it."""
+
+
+class CoolingResultCache:
+    """A result cache that, once its backend failed, fails at once for a cooldown instead of
+    asking it again (cooldown.py): under a hung Redis a query pays one timeout, not three."""
+
+    def __init__(self, inner: ResultCache, cooldown: Cooldown) -> None:
+        self._inner = inner
+        self._cooldown = cooldown
+
+    async def _guarded(self, call: Callable[[], Awaitable[T]]) -> T:
+        if self._cooldown.active:
+            raise BackendUnavailable(
+                f"query cache skipped for {self._cooldown.seconds:g} s after a failure")
+        try:
+            return await call()
+        except BackendUnavailable:
+            self._cooldown.start()
+            raise
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._guarded(lambda: self._inner.get(key))
+
+    async def put(self, key: str, value: bytes, ttl_s: float) -> None:
+        await self._guarded(lambda: self._inner.put(key, value, ttl_s))
+
+    async def touch(self, key: str, ttl_s: float) -> bool:
+        return await self._guarded(lambda: self._inner.touch(key, ttl_s))
+
+    async def close(self) -> None:
+        await self._inner.close()
