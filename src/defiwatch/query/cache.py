@@ -122,7 +122,7 @@ class RedisResultCache:
         try:
             value = await self._client.get(self._keys.query_result(key))
         except (RedisError, OSError) as exc:
-            raise BackendUnavailable(f"query cache unreachable: {type(exc).__name__}") from exc
+            raise BackendUnavailable(f"query cache unreachable: {type(exc).__name__}: {exc}") from exc
         if value is None:
             return None
         return value if isinstance(value, bytes) else value.encode()
@@ -134,7 +134,7 @@ class RedisResultCache:
             await self._client.set(self._keys.query_result(key), value,
                                    px=max(1, int(ttl_s * 1000)))
         except (RedisError, OSError) as exc:
-            raise BackendUnavailable(f"query cache unreachable: {type(exc).__name__}") from exc
+            raise BackendUnavailable(f"query cache unreachable: {type(exc).__name__}: {exc}") from exc
 
     async def touch(self, key: str, ttl_s: float) -> bool:
         try:
@@ -145,7 +145,7 @@ class RedisResultCache:
             return bool(await self._client.pexpire(self._keys.query_result(key),
                                                    max(1, int(ttl_s * 1000))))
         except (RedisError, OSError) as exc:
-            raise BackendUnavailable(f"query cache unreachable: {type(exc).__name__}") from exc
+            raise BackendUnavailable(f"query cache unreachable: {type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
         """The client belongs to the composition root, which closes it."""
