@@ -59,6 +59,15 @@ class Fault:
     loses_redis: bool = False  # events published before it may be lost (with a gap frame)
     ingest_during: bool = True  # the API keeps accepting points while it lasts
     backend_down: bool = False  # the API's /readyz must not say ready while it lasts
+    before: Action | None = None  # just before `inject`: a role already down when it strikes
+
+
+def sequence(*actions: Action) -> Action:
+    """The actions one after the other, as one."""
+    async def act(t: Topology) -> None:
+        for action in actions:
+            await action(t)
+    return act
 
 
 def kill(role: str) -> Action:
@@ -108,6 +117,11 @@ FAULTS = [
           backend_down=True),
     Fault("redis_sigstop", redis_stop, redis_continue, hold_s=15.0, backend_down=True),
     Fault("redis_kill", redis_kill, redis_start, hold_s=4.0, loses_redis=True, backend_down=True),
+    # Issue 10.2: an alert worker started after Redis lost its data creates the group where
+    # the engine committed (stored in the database), not at `$`: what the new stream received
+    # while no worker ran is still evaluated.
+    Fault("alerts_down_redis_kill", sequence(redis_kill, redis_start), restart("alerts"),
+          hold_s=4.0, loses_redis=True, before=kill("alerts")),
 ]
 
 
@@ -164,6 +178,8 @@ async def test_fault(harness: Harness, fault: Fault) -> None:
         # Every tick from the client's first event on must reach it.
         run = Timeline(first=sub.events[0].key.ts - h.ingestor.base_ts,
                        failures_before=Counter(h.ingestor.failures))
+        if fault.before is not None:
+            await fault.before(t)
         run.injected = time.monotonic()
         await fault.inject(t)
         await asyncio.sleep(PROBE_AFTER_S)  # the fault has settled in
