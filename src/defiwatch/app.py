@@ -327,6 +327,7 @@ async def run_roles(
 
 def _units(platform: Platform, roles: Sequence[str], stop: asyncio.Event, health: Health,
            on_progress: Callable[[int, int], None] | None) -> list[_Unit]:
+    """The supervised tasks of `roles`, each a factory so a restart builds its role afresh."""
     s = platform.settings
     units: list[_Unit] = []
     if "processor" in roles:

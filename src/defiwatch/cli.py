@@ -111,7 +111,7 @@ def _listen_addresses(settings: Settings, roles: list[str]) -> list[tuple[str, i
     """(host, port, how to change it) of every socket these roles serve clients on. Not the
     ops listener's: without its port a process runs on, with a warning (ops/listener.py)."""
     s = settings
-    addresses = []
+    addresses: list[tuple[str, int, str]] = []
     if "api" in roles:
         addresses.append((s.api_host, s.api_port, "DEFIWATCH_API_PORT or --port"))
     if "gateway" in roles:

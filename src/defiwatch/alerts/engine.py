@@ -94,7 +94,7 @@ _VALUE_EVENTS = frozenset({EventType.TVL_CHANGE.value, EventType.PRICE_CHANGE.va
 _DUE_BATCH = 500
 # Failures `run` retries: backends unreachable or answering errors (RedisError covers replies
 # such as NOGROUP that the stream group could not repair itself).
-_RETRYABLE = (DefiwatchError, SQLAlchemyError, RedisError, OSError, ConnectionError)
+_RETRYABLE = (DefiwatchError, SQLAlchemyError, RedisError, OSError)
 
 
 def sample_of(event: Event) -> Sample:

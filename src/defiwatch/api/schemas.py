@@ -143,12 +143,6 @@ class DatasetInfo(BaseModel):
 QueryFields = dict[str, DatasetInfo]
 
 
-def _scalar_schema(ftype: FieldType) -> dict[str, Any]:
-    if ftype is FieldType.INTEGER:
-        return {"type": "integer"}
-    return {"type": "number"} if ftype is FieldType.NUMBER else {"type": "string"}
-
-
 def _node_schema(leaf: str) -> dict[str, Any]:
     """A where/having tree: a condition, a list (implicit and), or one of and/or/not."""
     node = ref(leaf.replace("Condition", "Node"))

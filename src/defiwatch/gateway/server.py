@@ -678,7 +678,7 @@ class Gateway:
                 delay = min(delay * 2, _RETRY_MAX_S)
                 check_first = True
             except Exception as exc:
-                rlog.exception("gateway.reader_failed", retry_in_s=delay)
+                rlog.exception("gateway.reader_failed", error=str(exc), retry_in_s=delay)
                 health.beat("gateway", error=str(exc), idle_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)

@@ -81,9 +81,7 @@ _GRANULARITY = 0.05
 STREAMED_TAIL_S = 30 * 86_400
 # What a sink raises while the database is down, restarting or not migrated yet (SQLite's
 # "no such table" while another process migrates). Retrying is safe: the store is idempotent.
-_RETRYABLE: tuple[type[Exception], ...] = (
-    SQLAlchemyError, OSError, ConnectionError, BackendUnavailable,
-)
+_RETRYABLE: tuple[type[Exception], ...] = (SQLAlchemyError, OSError, BackendUnavailable)
 _RETRY_FIRST_S = 0.5
 _RETRY_CAP_S = 30.0
 

@@ -109,7 +109,7 @@ class Processor:
                     await self._filler.check()
                 await self.drain()
                 delay = 0.5
-            except (DefiwatchError, SQLAlchemyError, RedisError, OSError, ConnectionError) as exc:
+            except (DefiwatchError, SQLAlchemyError, RedisError, OSError) as exc:
                 log.warning("processor.batch_failed", error=str(exc),
                             error_type=type(exc).__name__, retry_in_s=delay)
                 health.beat("processor", error=str(exc), idle_s=delay)

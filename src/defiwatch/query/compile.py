@@ -150,7 +150,6 @@ class _Source:
         if query.time_to is not None:
             self.base.append(pt.c.ts < query.time_to)
 
-
     def _split_by_chain(self) -> None:
         """One row per protocol and chain of its newest per-chain observation, `tvl` and `ts`
         being that chain's; a protocol never observed per chain keeps one row, chain NULL,

@@ -83,7 +83,7 @@ class PushSubscription(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     endpoint: Text = Field(min_length=1, max_length=2000,
-                          description="the push service URL (https)")
+                           description="the push service URL (https)")
     expiration_time: float | None = Field(default=None, alias="expirationTime",
                                           description="ignored (browsers send null)")
     keys: PushKeys
@@ -106,7 +106,7 @@ class DeviceCreate(BaseModel):
         "endpoint, else a new `dev_<8 hex>`")
     subscription: PushSubscription
     user_agent: Text | None = Field(default=None, max_length=300,
-                                   description="shown in the device list to tell devices apart")
+                                    description="shown in the device list to tell devices apart")
 
 
 class DeviceOut(BaseModel):
