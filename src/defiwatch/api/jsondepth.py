@@ -6,7 +6,7 @@ from __future__ import annotations
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from defiwatch.api.bodylimit import CLOSE, BodyTooLarge
+from defiwatch.api.bodylimit import BODY_METHODS, CLOSE, BodyTooLarge
 from defiwatch.api.errors import send_error
 from defiwatch.errors import ValidationError
 from defiwatch.jsondepth import MAX_JSON_DEPTH, too_deep
@@ -26,7 +26,7 @@ class JsonDepthMiddleware:
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
         try:

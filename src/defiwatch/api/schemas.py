@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from defiwatch.api.routes.notifications import NotificationOut
 from defiwatch.domain.events import Event, Latest
-from defiwatch.query.dsl import _LIST_FILTERS, _RANGE_FILTERS, AggOp, Bucket, Limits, Op
+from defiwatch.query.dsl import LIST_FILTERS, RANGE_FILTERS, AggOp, Bucket, Limits, Op
 from defiwatch.query.fields import DATASETS, Dataset, FieldType
 
 __all__ = [
@@ -224,7 +224,7 @@ def _original_schema(limits: Limits) -> dict[str, Any]:
     return {"type": "object", "title": "Query (original shape)", "additionalProperties": False,
             "properties": {
                 "filters": {"type": "object", "additionalProperties": False, "properties": {
-                    **dict.fromkeys(_LIST_FILTERS, names), **dict.fromkeys(_RANGE_FILTERS, bounds)}},
+                    **dict.fromkeys(LIST_FILTERS, names), **dict.fromkeys(RANGE_FILTERS, bounds)}},
                 "aggregations": {"type": "array", "items": aggregation, "minItems": 1,
                                  "maxItems": limits.max_aggregations},
                 "sort": _sort_schema(limits),

@@ -4,7 +4,7 @@ The hub is transport-agnostic: anything with a `deliver(channel, event, frame)` 
 `Subscriber` (the WebSocket connections of server.py; a Socket.IO session can be one too). It
 never awaits and never blocks: `publish` encodes an event's JSON once, builds one frame per
 matching channel and hands the *same bytes* to every subscription of that channel (centrifuge's
-preparedData; STYLE.md 3). A subscriber must queue or write the frame without awaiting.
+preparedData). A subscriber must queue or write the frame without awaiting.
 
 Per subscription the hub applies, in this order:
 1. dedup by offset: a subscription never gets an offset twice or out of order (replayed events

@@ -1,6 +1,6 @@
 """The real-time protocol v1 (docs/protocol.md), sans I/O: frames in, commands and frames out.
 
-Nothing here awaits, reads a clock or touches a socket (STYLE.md 3): `parse_client_frame` turns
+Nothing here awaits, reads a clock or touches a socket (sans-I/O): `parse_client_frame` turns
 the text of a client frame into a typed command or a typed `Rejection` (it never raises on bad
 input), the `*_frame` functions build the bytes the server sends, `parse_channel` normalises a
 channel name, `route` says which public channels an event belongs to and `alert_recipient` whose

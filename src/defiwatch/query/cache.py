@@ -16,9 +16,10 @@ Guarantees, checked by one contract suite against both backends (tests/query/tes
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Protocol, TypeVar
 
 import msgspec
@@ -108,6 +109,15 @@ class MemoryResultCache:
         return len(self._items)
 
 
+@contextlib.contextmanager
+def _unreachable() -> Iterator[None]:
+    """Redis errors of a cache call as BackendUnavailable, with the error text."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise BackendUnavailable(f"query cache unreachable: {type(exc).__name__}: {exc}") from exc
+
+
 class RedisResultCache:
     """Entries as Redis strings with an expiry (`{prefix}query:result:{digest}`).
 
@@ -119,10 +129,8 @@ class RedisResultCache:
         self._keys = RedisKeys(prefix)
 
     async def get(self, key: str) -> bytes | None:
-        try:
+        with _unreachable():
             value = await self._client.get(self._keys.query_result(key))
-        except (RedisError, OSError) as exc:
-            raise BackendUnavailable(f"query cache unreachable: {type(exc).__name__}: {exc}") from exc
         if value is None:
             return None
         return value if isinstance(value, bytes) else value.encode()
@@ -130,22 +138,18 @@ class RedisResultCache:
     async def put(self, key: str, value: bytes, ttl_s: float) -> None:
         if ttl_s <= 0:
             return
-        try:
+        with _unreachable():
             await self._client.set(self._keys.query_result(key), value,
                                    px=max(1, int(ttl_s * 1000)))
-        except (RedisError, OSError) as exc:
-            raise BackendUnavailable(f"query cache unreachable: {type(exc).__name__}: {exc}") from exc
 
     async def touch(self, key: str, ttl_s: float) -> bool:
-        try:
+        with _unreachable():
             if ttl_s <= 0:
                 await self._client.delete(self._keys.query_result(key))
                 return False
             # PEXPIRE answers 0 when the key does not exist (expired or evicted).
             return bool(await self._client.pexpire(self._keys.query_result(key),
                                                    max(1, int(ttl_s * 1000))))
-        except (RedisError, OSError) as exc:
-            raise BackendUnavailable(f"query cache unreachable: {type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
         """The client belongs to the composition root, which closes it."""

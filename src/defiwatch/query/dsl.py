@@ -44,6 +44,8 @@ from defiwatch.errors import ValidationError
 from defiwatch.query.fields import DATASETS, Dataset, FieldSpec, FieldType
 
 __all__ = [
+    "LIST_FILTERS",
+    "RANGE_FILTERS",
     "AggOp",
     "Aggregation",
     "BoolOp",
@@ -784,9 +786,9 @@ def _resolve_sort(
 
 
 # The original spec's filters, each mapped onto a condition of the protocols dataset.
-_RANGE_FILTERS = {"tvl_range": "tvl", "mcap_range": "mcap", "change_1h": "change_1h",
+RANGE_FILTERS = {"tvl_range": "tvl", "mcap_range": "mcap", "change_1h": "change_1h",
                   "change_24h": "change_24h", "change_7d": "change_7d"}
-_LIST_FILTERS = {"protocols": "slug", "chains": "chains", "categories": "category"}
+LIST_FILTERS = {"protocols": "slug", "chains": "chains", "categories": "category"}
 
 
 def _parse_original(body: Mapping[str, Any], limits: Limits) -> Query:
@@ -795,13 +797,13 @@ def _parse_original(body: Mapping[str, Any], limits: Limits) -> Query:
     budget = _Budget(limits)
     conditions: list[Node] = []
     if body.get("filters") is not None:
-        filters = _obj(body["filters"], "filters", (*_LIST_FILTERS, *_RANGE_FILTERS))
-        for key, fname in _LIST_FILTERS.items():
+        filters = _obj(body["filters"], "filters", (*LIST_FILTERS, *RANGE_FILTERS))
+        for key, fname in LIST_FILTERS.items():
             if filters.get(key) is not None:
                 raw = filters[key]
                 conditions.append(_filter(ds.fields[fname], Op.IN, [raw] if isinstance(raw, str)
                                           else raw, _join("filters", key), budget))
-        for key, fname in _RANGE_FILTERS.items():
+        for key, fname in RANGE_FILTERS.items():
             if filters.get(key) is None:
                 continue
             fpath = _join("filters", key)

@@ -1,6 +1,6 @@
 """Consumer groups over the event stream: several workers share its events, each event once.
 
-An optional capability of a stream (STYLE.md 2: its own small Protocol), used by the alert
+An optional capability of a stream (its own small Protocol), used by the alert
 engine: `defiwatch run alerts` workers of one group split the events between them, and the
 entries a dead worker had taken are claimed by another after `min_idle_s`.
 
