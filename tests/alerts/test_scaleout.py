@@ -23,6 +23,7 @@ from .conftest import HOUR, T0, Alerting, Clock, alerts_stream_for, point
 from .test_engine import alert_events, create_rule, rows
 
 PROTOCOLS = [f"proto-{i:03d}" for i in range(120)]
+STEPS = (1.5e9, 0.9e9, 0.8e9)  # each protocol's TVL over three hours (times 1 + i/1000)
 
 
 class Crash(Exception):
@@ -64,7 +65,7 @@ async def setup_rules(prod: Alerting, api: httpx.AsyncClient) -> None:
 
 async def feed(prod: Alerting) -> None:
     """Each protocol: above the line, then below it (one fire), then lower still (no fire)."""
-    for step, value in enumerate((1.5e9, 0.9e9, 0.8e9)):
+    for step, value in enumerate(STEPS):
         await prod.ingest(*(point(p, T0 + step * HOUR, value * (1 + i / 1000), chain="arbitrum")
                             for i, p in enumerate(PROTOCOLS)))
 
@@ -134,3 +135,26 @@ async def test_a_worker_dying_mid_batch_is_taken_over(
     await assert_exactly_once(prod)
     # Nothing is pending any more.
     assert await survivor.recover_stale() == 0
+
+
+async def test_a_restarted_worker_first_takes_over_what_its_predecessor_left(
+    prod: Alerting, api: httpx.AsyncClient
+) -> None:
+    """A worker restarted under a new name (a new pid) processes the entries its predecessor
+    took but did not acknowledge before any newer event: applying the newer ones first would
+    make it skip those as stale when it claimed them, and lose their transitions."""
+    await setup_rules(prod, api)
+    step = len(PROTOCOLS)
+    dying = prod.engine("w1", batch=step)
+    await dying.start()
+    await feed(prod)
+    await dying.process(await dying._events.read(step, 0))  # step 1: above the line
+    assert await dying._events.read(step, 0)  # step 2 (the fires): taken, then it died
+    successor = prod.engine("w2", batch=step)  # w1's claim-idle time has not passed
+    await successor.drain()
+    await assert_exactly_once(prod)
+    # Each fired at the first point below the line (as `feed` made them), none a step late.
+    first_below = {p: next(v * (1 + i / 1000) for v in STEPS if v * (1 + i / 1000) < 1e9)
+                   for i, p in enumerate(PROTOCOLS)}
+    for alert in await rows(prod, alert_history):
+        assert alert["value"] == first_below[alert["subject"]], alert

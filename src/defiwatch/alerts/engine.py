@@ -180,10 +180,11 @@ class AlertEngine:
 
     # --- lifecycle of the worker ---------------------------------------------------------
 
-    async def start(self) -> None:
-        """Create the consumer group if needed and load every active rule."""
+    async def start(self) -> int:
+        """Create the consumer group if needed, load every active rule and take over what
+        other workers left pending; return how many entries that took (`_take_over`)."""
         if self._started:
-            return
+            return 0
         await self._events.ensure("earliest" if self._cfg.start == "earliest" else "latest",
                                   committed=self._committed_position)
         await self.refresh_rules(force=True)
@@ -194,12 +195,29 @@ class AlertEngine:
         gc.freeze()
         self._started = True
         log.info("alerts.started", consumer=self._events.consumer, rules=len(self.index))
+        return await self._take_over()
+
+    async def _take_over(self) -> int:
+        """Process what other workers took but did not acknowledge, before any newer event.
+
+        A worker restarted under a new name (a new pid) would otherwise apply newer events of
+        those series first and skip the older ones as stale when it claimed them after
+        `claim_idle_s`: their transitions would be lost. Entries a live worker is still on are
+        taken too; the series locks and cursors apply each event once all the same.
+        """
+        taken = 0
+        while claimed := await self._events.claim(0, self._cfg.batch):
+            taken += await self.process(claimed)
+            if len(claimed) < self._cfg.batch:
+                break
+        if taken:
+            log.info("alerts.took_over", consumer=self._events.consumer, entries=taken)
+        return taken
 
     async def drain(self) -> int:
         """Process everything available now, then tick and sweep the outbox; return the number
         of stream entries processed (the burst mode tests use)."""
-        await self.start()
-        total = 0
+        total = await self.start()
         while batch := await self._events.pending(self._cfg.batch):
             total += await self.process(batch)
         self._recover = False
