@@ -110,17 +110,11 @@ def _redis_host_port() -> tuple[str, int]:
 @pytest.fixture
 def redis_prefix(redis_url: str) -> Iterator[str]:
     """A unique key prefix for one test; its keys are deleted afterwards."""
-    import redis
+    from stream.redis_loss import delete_prefix
 
     prefix = f"dwtest:{uuid.uuid4().hex[:12]}:"
     yield prefix
-    client = redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    delete_prefix(redis_url, prefix)
 
 
 @pytest.fixture

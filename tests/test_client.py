@@ -27,6 +27,20 @@ async def ingest_days(platform: Platform, first_day: int, days: int) -> None:
     await platform.processor().drain()
 
 
+async def reader_key(platform: Platform) -> str:
+    """An API key that may read the streams, for the client."""
+    async with platform.engine.begin() as conn:
+        key, _ = await create_key(conn, user="carol", tier="pro", scopes=["read"],
+                                  tiers=list(platform.settings.tiers))
+    return key
+
+
+def gateway_of(platform: Platform) -> Gateway:
+    """A gateway over the platform's stream, cache and alerts (started by the caller)."""
+    return Gateway(settings=platform.settings, engine=platform.engine, stream=platform.stream,
+                   cache=platform.cache, alerts=platform.alerts)
+
+
 async def next_events(messages: object, count: int, timeout: float) -> list[Message]:
     got: list[Message] = []
     async with asyncio.timeout(timeout):
@@ -42,13 +56,8 @@ async def test_client_recovers_across_a_gateway_restart(settings: Settings,
                                                          timeout_factor: float) -> None:
     settings = settings.model_copy(update={"gateway_port": 0})
     async with open_platform(settings) as p:
-        async with p.engine.begin() as conn:
-            key, _ = await create_key(conn, user="carol", tier="pro", scopes=["read"],
-                                      tiers=list(settings.tiers))
-        first = Gateway(settings=settings, engine=p.engine, stream=p.stream, cache=p.cache,
-                        alerts=p.alerts)
-        second = Gateway(settings=settings, engine=p.engine, stream=p.stream, cache=p.cache,
-                         alerts=p.alerts)
+        key = await reader_key(p)
+        first, second = gateway_of(p), gateway_of(p)
         await first.start()
         await second.start()
         try:
@@ -81,11 +90,8 @@ async def test_client_follows_the_stream_into_a_new_epoch(settings: Settings, re
     restart at 1, are delivered (not dropped as already seen), with a gap for what was lost."""
     settings = settings.model_copy(update={"gateway_port": 0})
     async with open_platform(settings) as p:
-        async with p.engine.begin() as conn:
-            key, _ = await create_key(conn, user="carol", tier="pro", scopes=["read"],
-                                      tiers=list(settings.tiers))
-        gateway = Gateway(settings=settings, engine=p.engine, stream=p.stream, cache=p.cache,
-                          alerts=p.alerts)
+        key = await reader_key(p)
+        gateway = gateway_of(p)
         await gateway.start()
         try:
             client = RealtimeClient([gateway.url], key, [Subscription("tvl_changes")], since=0)

@@ -19,12 +19,13 @@ from typing import Any
 
 import structlog
 from prometheus_client import Counter
-from sqlalchemy import ColumnElement, FromClause, Label, Select, and_, func, select
+from sqlalchemy import Select, and_, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from defiwatch.cache import HotCache
 from defiwatch.domain import Latest
 from defiwatch.domain.changes import WINDOWS, pct_change
+from defiwatch.query.index import window_references
 from defiwatch.store.schema import points
 
 __all__ = ["CacheFiller", "newest_points"]
@@ -42,7 +43,8 @@ def newest_points() -> Select[Any]:
     value per window in the order of `WINDOWS` (None: no point in the window's range).
 
     One statement for both databases: the newest ts per series from a GROUP BY, then the value
-    and each reference as index lookups on (metric, subject, chain, ts).
+    and each reference (query/index.py's `window_references`) as index lookups on
+    (metric, subject, chain, ts).
     """
     newest = (
         select(points.c.metric, points.c.subject, points.c.chain,
@@ -50,27 +52,15 @@ def newest_points() -> Select[Any]:
         .group_by(points.c.metric, points.c.subject, points.c.chain)
         .subquery("newest")
     )
-
-    def same_series(table: FromClause) -> ColumnElement[bool]:
-        return and_(table.c.metric == newest.c.metric, table.c.subject == newest.c.subject,
-                    table.c.chain == newest.c.chain)
-
-    def reference(name: str, seconds: int) -> Label[Any]:
-        ref = points.alias()
-        return (
-            select(ref.c.value)
-            .where(same_series(ref), ref.c.ts <= newest.c.ts - seconds,
-                   ref.c.ts >= newest.c.ts - seconds - seconds // 2)
-            .order_by(ref.c.ts.desc())
-            .limit(1)
-            .scalar_subquery()
-            .label(name)
-        )
-
+    refs = window_references(newest.c.subject, newest.c.ts, metric=newest.c.metric,
+                             chain=newest.c.chain)
     return (
         select(newest.c.metric, newest.c.subject, newest.c.chain, newest.c.ts, points.c.value,
-               *(reference(name, seconds) for name, seconds in WINDOWS.items()))
-        .join_from(newest, points, and_(same_series(points), points.c.ts == newest.c.ts))
+               *refs)
+        .join_from(newest, points, and_(points.c.metric == newest.c.metric,
+                                        points.c.subject == newest.c.subject,
+                                        points.c.chain == newest.c.chain,
+                                        points.c.ts == newest.c.ts))
     )
 
 

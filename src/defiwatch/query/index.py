@@ -236,16 +236,18 @@ def chain_observations() -> Select[Any]:
             .where(ql.c.metric == "tvl", ql.c.chain != NO_CHAIN).group_by(ql.c.subject))
 
 
-def window_references(subject: ColumnElement[Any], ts: ColumnElement[Any]
-                      ) -> list[ColumnElement[Any]]:
-    """Columns `ref_change_1h`, `ref_change_24h`, `ref_change_7d`: the protocol total that
-    each window compares with at `ts` (domain/changes.py: newest point in [ts - 1.5 W, ts - W])."""
+def window_references(subject: ColumnElement[Any], ts: ColumnElement[Any], *,
+                      metric: ColumnElement[Any] | str = "tvl",
+                      chain: ColumnElement[Any] | str = NO_CHAIN) -> list[ColumnElement[Any]]:
+    """Columns `ref_change_1h`, `ref_change_24h`, `ref_change_7d`: the value of the series
+    (by default the protocol total) that each window compares with at `ts` (domain/changes.py:
+    newest point in [ts - 1.5 W, ts - W]); processor/fill.py passes any series."""
     refs: list[ColumnElement[Any]] = []
     for name, window in WINDOWS.items():
         r = points.alias(f"r_{name}")
         refs.append(
             select(r.c.value)
-            .where(r.c.metric == "tvl", r.c.subject == subject, r.c.chain == NO_CHAIN,
+            .where(r.c.metric == metric, r.c.subject == subject, r.c.chain == chain,
                    r.c.ts.between(ts - window - window // 2, ts - window))
             .order_by(r.c.ts.desc())
             .limit(1)

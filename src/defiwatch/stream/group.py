@@ -331,17 +331,18 @@ class RedisStreamGroup:
         return True
 
     async def _recreate(self, error: str) -> None:
-        """Recreate the group Redis lost (see the class docstring for where it starts)."""
+        """Recreate the group Redis lost: `start_id`, with this worker's acknowledgements as the
+        committed position (fresher than the database's; see the class docstring)."""
         epoch = await stream_epoch(self._client, self._keys)
-        same_life = epoch == self._epoch
-        start = self._acked if same_life else 0
-        created = await self._create(f"{start}-0")
+        acked = None if self._epoch is None else (self._epoch, self._acked)
+        last_id, why = start_id("earliest", epoch, acked)
+        created = await self._create(last_id)
         GROUP_RECREATED.labels(self._BACKEND).inc()
         log.warning("group.recreated", group=self.group, consumer=self.consumer, error=error,
-                    start_offset=start, epoch_changed=not same_life, created=created)
-        if not same_life:
+                    start=why.value, start_id=last_id, created=created)
+        if why is not GroupStart.RESUMED:
             self._acked = 0
-        self._epoch, self._ensured = epoch, True
+        self._epoch = epoch
 
     async def _call(self, operation: str, command: Callable[[], Awaitable[T]]) -> T:
         """Run a group command; when Redis lost the group, recreate it and run it once more.
