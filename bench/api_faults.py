@@ -46,7 +46,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import os
 import platform
 import re
@@ -67,13 +66,12 @@ from typing import Any
 import asyncpg
 import httpx
 import redis
-from measure import dist_ms, proc_cpu
+from measure import dist_ms, free_port, proc_cpu, write_result
 
 from defiwatch.api.ratelimit import FAIL_OPEN_COOLDOWN_S
 from defiwatch.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 VENV_BIN = Path(sys.executable).parent
 API_CORE, LOAD_CORE = 0, 1
 MIB = 1_048_576
@@ -368,13 +366,6 @@ class Api:
     log_path: Path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def _pg_admin(dsn: str, sql: str) -> None:
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
@@ -504,12 +495,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
-    result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    out = args.out or RESULTS / f"api_faults-{dt.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    write_result("api_faults", run(args), args.out)
     return 0
 
 

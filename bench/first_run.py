@@ -58,9 +58,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from measure import free_port, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 VENV_BIN = ROOT / ".venv" / "bin"
 SERVER_CORE, CLIENT_CORE = 1, 0
 TARGET_S = 30.0  # issue 11: non-empty /protocols, /v1/latest and the docs examples within 30 s
@@ -133,12 +133,6 @@ class Child:
                 self.replay_stats = {k: v for k, v in record.items()
                                      if k not in ("event", "level", "timestamp")}
                 self.replay_done.set()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def child_env(state: Path, ports: dict[str, int]) -> dict[str, str]:
@@ -346,10 +340,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     doc = asyncio.run(main_async(args))
-    text = json.dumps(doc, indent=2)
-    print(text)
-    out = args.out or RESULTS / f"first_run-{dt.date.today().isoformat()}.json"
-    out.write_text(text + "\n")
+    write_result("first_run", doc, args.out)
     return 1 if doc["failed"] else 0
 
 

@@ -1,17 +1,21 @@
 """Measurement helpers the benchmarks share: percentiles, latency summaries, CPU time of
-processes (from /proc), the machine's busy share."""
+processes (from /proc), the machine's busy share, a free loopback port and the result file."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import json
 import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CpuMeter", "dist_ms", "machine_busy", "pct", "postgres_pids", "proc_cpu"]
+__all__ = ["CpuMeter", "dist_ms", "free_port", "machine_busy", "pct", "postgres_pids",
+           "proc_cpu", "write_result"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -99,3 +103,23 @@ class CpuMeter:
         out["machine_busy_pct_of_all_cores"] = round(100 * (busy - b0) / max(total - t0, 1), 1)
         out["wall_s"] = round(wall, 2)
         return out
+
+
+def free_port() -> int:
+    """A loopback port free at the moment of asking, for a server the benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_result(name: str, doc: Mapping[str, Any], out: Path | None) -> None:
+    """Print a benchmark's result and keep it in `out`, by default
+    bench/results/<name>-<date>.json, so every benchmark files its numbers alike."""
+    text = json.dumps(doc, indent=2, default=str)
+    print(text)
+    path = out or RESULTS / f"{name}-{dt.date.today().isoformat()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")

@@ -37,6 +37,7 @@ from .workload import (
     alert_keys,
     latest_complete,
     poll,
+    seconds_until,
 )
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.faults,
@@ -123,16 +124,6 @@ FAULTS = [
     Fault("alerts_down_redis_kill", sequence(redis_kill, redis_start), restart("alerts"),
           hold_s=4.0, loses_redis=True, before=kill("alerts")),
 ]
-
-
-async def seconds_until(check: Callable[[], Awaitable[bool]], since: float) -> float | None:
-    """Seconds from `since` until `check()` holds, polling the live system; None past
-    DEADLINE_S."""
-    while time.monotonic() - since <= DEADLINE_S:
-        if await check():
-            return round(time.monotonic() - since, 1)
-        await asyncio.sleep(0.2)
-    return None
 
 
 async def heal(h: Harness) -> list[str]:
@@ -232,7 +223,8 @@ async def _recovery(h: Harness, fault: Fault, sub: Subscriber, run: Timeline) ->
     checks = {"ready_s": ready, "client_s": covers(client_keys),
               "alerts_s": covers(lambda: alert_keys(h.dsn)), "webhook_s": covers(webhook_keys),
               "latest_s": latest}
-    found = await asyncio.gather(*(seconds_until(check, run.restored) for check in checks.values()))
+    found = await asyncio.gather(*(seconds_until(check, run.restored, DEADLINE_S)
+                                   for check in checks.values()))
     return dict(zip(checks, found, strict=True))
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "alert_rule",
     "latest_complete",
     "poll",
+    "seconds_until",
 ]
 
 SERIES = ("faults-a", "faults-b", "faults-c")  # changing on every tick
@@ -59,12 +60,20 @@ SETUP_DEADLINE_S = 60.0 * float(os.environ.get("DEFIWATCH_TEST_TIMEOUT_FACTOR", 
 async def poll(check: Callable[[], Awaitable[bool]], deadline_s: float, what: str,
                topology: Topology) -> None:
     """Await `check()` (polling a live system) or fail with the roles' last problems."""
-    start = time.monotonic()
-    while not await check():
-        if time.monotonic() - start > deadline_s:
-            pytest.fail(f"{what} not within {deadline_s:.0f} s; exited: {topology.exited()}; "
-                        f"logs: {topology.evidence()}")
+    if await seconds_until(check, time.monotonic(), deadline_s) is None:
+        pytest.fail(f"{what} not within {deadline_s:.0f} s; exited: {topology.exited()}; "
+                    f"logs: {topology.evidence()}")
+
+
+async def seconds_until(check: Callable[[], Awaitable[bool]], since: float, deadline_s: float
+                        ) -> float | None:
+    """Seconds from `since` until `check()` holds, polling the live system; None past
+    `deadline_s`."""
+    while time.monotonic() - since <= deadline_s:
+        if await check():
+            return round(time.monotonic() - since, 1)
         await asyncio.sleep(0.2)
+    return None
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

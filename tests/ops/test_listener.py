@@ -9,7 +9,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from defiwatch.config import Settings
+from defiwatch.config import ROLES, Settings
 from defiwatch.ops.health import Health
 from defiwatch.ops.listener import ROLE_PORTS, listener_port, serve_ops
 
@@ -89,7 +89,5 @@ def test_the_port_follows_the_first_role(env: dict[str, object], roles: list[str
 
 
 def test_every_role_but_api_has_a_distinct_default_port() -> None:
-    from defiwatch.config import ROLES
-
     assert set(ROLE_PORTS) == set(ROLES) - {"api"}
     assert len(set(ROLE_PORTS.values())) == len(ROLE_PORTS)

@@ -8,7 +8,9 @@ no category and a name that is a spreadsheet formula.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+import uvicorn
+from fastapi import FastAPI
 
 from conftest import PG_HOST, PG_PORT, _pg_admin, pg_url, require_service
 from defiwatch.api import ApiContext, create_app
@@ -140,11 +144,28 @@ async def make_key(platform: Platform, *scopes: str, user: str = "alice", tier: 
     return key
 
 
+def api_for(platform: Platform, service: QueryService, **ctx: Any) -> FastAPI:
+    return create_app(ApiContext(platform.engine, platform.stream, platform.cache,
+                                 platform.ingest, query=service, **ctx))
+
+
 def app_for(platform: Platform, service: QueryService, **ctx: Any) -> httpx.AsyncClient:
-    context = ApiContext(platform.engine, platform.stream, platform.cache, platform.ingest,
-                         query=service, **ctx)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(context)),
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=api_for(platform, service, **ctx)),
                              base_url="http://defiwatch.test")
+
+
+@contextlib.asynccontextmanager
+async def over_http(app: FastAPI) -> AsyncIterator[str]:
+    """`app` served by uvicorn on a loopback port (its base URL). The socket listens before
+    the server starts, so a client may connect at once: nothing to wait for."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning"))
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            server.should_exit = True
+            await task
 
 
 @contextlib.asynccontextmanager

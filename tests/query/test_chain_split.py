@@ -21,7 +21,18 @@ from defiwatch.app import Platform, open_platform
 from defiwatch.config import Settings
 from defiwatch.domain import normalize_chain, split_chain_tvl_key
 
-from .conftest import DAY, HOUR, NOW_TS, Served, app_for, make_key, make_service, seed
+from .conftest import (
+    DAY,
+    HOUR,
+    NOW_TS,
+    Served,
+    api_for,
+    app_for,
+    make_key,
+    make_service,
+    over_http,
+    seed,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -86,6 +97,19 @@ async def test_aggregates_over_mixed_metrics_are_a_400_naming_the_field(served: 
     one = {**mixed, "where": {"and": [mixed["where"],
                                       {"field": "metric", "op": "eq", "value": "mcap"}]}}
     assert (await served.query(one)).json()["data"] == [{"p50_value": 50.0}]
+
+
+async def test_the_split_and_the_metric_rule_over_a_real_server(served: Served) -> None:
+    """The same answers through uvicorn on loopback (HTTP parsing, middleware, real sockets)."""
+    mixed = {"dataset": "prices", "aggregations": [{"op": "avg", "field": "value"}]}
+    async with over_http(api_for(served.platform, served.service)) as url, httpx.AsyncClient(
+            base_url=url, headers=served.auth) as client:
+        split = await client.post("/v1/query/advanced", json=BY_CHAIN)
+        refused = await client.post("/v1/query/advanced", json=mixed)
+    assert split.status_code == 200, split.text
+    assert split.json()["data"] == SPLIT
+    assert refused.status_code == 400
+    assert refused.json()["error"]["field"] == "aggregations[0].field"
 
 
 async def test_price_rows_say_their_metric(served: Served) -> None:

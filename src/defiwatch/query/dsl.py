@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from defiwatch.domain.series import MAX_NAME_CHARS
+from defiwatch.domain.series import name_problem
 from defiwatch.domain.text import text_problem
 from defiwatch.errors import ValidationError
 from defiwatch.query.fields import DATASETS, Dataset, FieldSpec, FieldType
@@ -367,16 +367,12 @@ def _scalar(value: Any, spec: FieldSpec | OutputColumn, path: str, *, normalize:
         raise _fail(path, f"must be a string for field {spec.name!r}, got {_show(value)}")
     if not value or len(value) > _MAX_STRING:
         raise _fail(path, f"must be 1 to {_MAX_STRING} characters long")
-    if problem := text_problem(value):
+    normalizer = spec.normalize if normalize else None
+    # A slug, coin or chain is held to ingest's cap: normalising a longer one would cut it to
+    # some other name.
+    if problem := (text_problem(value) if normalizer is None else name_problem(value)):
         raise _fail(path, problem)
-    if normalize and spec.normalize is not None:
-        # Slugs, coins and chains are stored at most MAX_NAME_CHARS long; normalising a longer
-        # value would cut it to some other name.
-        if len(value) > MAX_NAME_CHARS:
-            raise _fail(path, f"is longer than {MAX_NAME_CHARS} characters, the longest "
-                              f"{spec.name} stored")
-        return str(spec.normalize(value))
-    return value
+    return value if normalizer is None else str(normalizer(value))
 
 
 class _Budget:
