@@ -161,13 +161,14 @@ async def _run_platform(settings: Settings, roles: list[str]) -> None:
 
 
 async def _migrate_when_reachable(settings: Settings, stop: asyncio.Event) -> bool:
-    """Migrate the database, waiting with backoff (0.5 s doubling to 30 s) while it cannot be
+    """Migrate the database, waiting with `Backoff` (0.5 s doubling to 30 s) while it cannot be
     reached: a database started after defiwatch, or restarting, is waited for, not a reason to
     exit. Returns False when `stop` was set first."""
+    from defiwatch.ops.supervisor import Backoff, wait_or_stop
     from defiwatch.store import upgrade
     from defiwatch.store.db import database_unreachable
 
-    delay = 0.5
+    delay: float | None = None
     while True:
         try:
             await upgrade(settings.database_url)
@@ -175,13 +176,11 @@ async def _migrate_when_reachable(settings: Settings, stop: asyncio.Event) -> bo
         except Exception as exc:  # classified below: only an unreachable database is waited for
             if not database_unreachable(exc):
                 raise
+            delay = Backoff().delay(delay)
             log.warning("database.unreachable", error=str(exc), error_type=type(exc).__name__,
                         retry_in_s=delay)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
-        if stop.is_set():
+        if await wait_or_stop(stop, delay):
             return False
-        delay = min(delay * 2, 30.0)
 
 
 def _replay_progress(progress: Progress, settings: Settings) -> Callable[[int, int], None]:

@@ -9,7 +9,7 @@ from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from defiwatch.ops.health import Health, RoleState, beat
-from defiwatch.ops.supervisor import Backoff, describe, supervise
+from defiwatch.ops.supervisor import Backoff, describe, supervise, wait_or_stop
 
 FAST = Backoff(first_s=0.001, cap_s=0.002)
 
@@ -94,6 +94,22 @@ async def test_stop_during_a_backoff_ends_the_supervisor() -> None:
 ])
 def test_backoff(previous: float | None, ran_s: float, expected: float) -> None:
     assert Backoff(first_s=0.5, cap_s=30.0).delay(previous, ran_s) == expected
+
+
+def test_a_retry_loops_consecutive_failures_double_from_half_a_second_to_30() -> None:
+    delays: list[float] = []
+    delay: float | None = None
+    for _ in range(9):
+        delay = Backoff().delay(delay)
+        delays.append(delay)
+    assert delays == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
+
+
+async def test_a_backoff_wait_ends_as_soon_as_stop_is_set() -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_soon(stop.set)
+    assert await wait_or_stop(stop, 3_600) is True  # an hour: only `stop` ends it in time
+    assert await wait_or_stop(asyncio.Event(), 0.001) is False
 
 
 def test_a_task_groups_failure_is_described_by_its_members() -> None:

@@ -37,8 +37,6 @@ from typing import Any
 import msgspec
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
-from redis.exceptions import RedisError
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from defiwatch.alerts.config import EngineConfig
@@ -53,6 +51,7 @@ from defiwatch.domain.changes import SeriesState, pct_change
 from defiwatch.domain.conditions import Sample
 from defiwatch.errors import DefiwatchError
 from defiwatch.ops import health
+from defiwatch.ops.supervisor import BACKEND_ERRORS, Backoff, wait_or_stop
 from defiwatch.store import alerts as store
 from defiwatch.store import delivery
 from defiwatch.store.points import load_history
@@ -92,9 +91,6 @@ RULES = Gauge("defiwatch_alerts_rules_loaded", "Active (not paused) rules in the
 
 _VALUE_EVENTS = frozenset({EventType.TVL_CHANGE.value, EventType.PRICE_CHANGE.value})
 _DUE_BATCH = 500
-# Failures `run` retries: backends unreachable or answering errors (RedisError covers replies
-# such as NOGROUP that the stream group could not repair itself).
-_RETRYABLE = (DefiwatchError, SQLAlchemyError, RedisError, OSError)
 
 
 def sample_of(event: Event) -> Sample:
@@ -229,7 +225,8 @@ class AlertEngine:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process until `stop` is set; failures are logged and retried with backoff."""
-        delay, failures = 0.5, 0
+        delay: float | None = None
+        failures = 0
         next_claim = next_tick = 0.0
         while not stop.is_set():
             try:
@@ -255,19 +252,18 @@ class AlertEngine:
                     next_tick = time.monotonic() + self._cfg.tick_s
                 if failures:
                     log.info("alerts.recovered", failures=failures)
-                delay, failures = 0.5, 0
+                delay, failures = None, 0
                 health.beat("alerts")
-            except _RETRYABLE as exc:
+            except BACKEND_ERRORS as exc:
                 # Never exit for good on a backend error (a Redis that lost its data answers
                 # errors until the group is recreated): retry with backoff, logging each try.
                 self._recover = True
                 failures += 1
+                delay = Backoff().delay(delay)
                 log.warning("alerts.batch_failed", error=str(exc), error_type=type(exc).__name__,
                             failures=failures, retry_in_s=delay)
                 health.beat("alerts", error=str(exc), idle_s=delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(delay * 2, 30.0)
+                await wait_or_stop(stop, delay)
 
     async def recover_stale(self) -> int:
         """Claim and process entries another worker took but did not acknowledge within

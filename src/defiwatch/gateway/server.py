@@ -73,6 +73,7 @@ from defiwatch.gateway.protocol import (
 )
 from defiwatch.gateway.session import Session
 from defiwatch.ops import health
+from defiwatch.ops.supervisor import Backoff
 from defiwatch.store.keys import Principal
 from defiwatch.stream import EventStream
 
@@ -88,7 +89,7 @@ WRITE_LIMIT_BYTES = 64 * 1024
 _READ_BATCH = 1_000  # events per stream read of a reader
 _WAIT_S = 5.0  # one blocking wait of a reader (XREAD BLOCK on Redis); cancelled at stop
 _YIELD_EVERY = 5_000  # deliveries after which a reader yields to the event loop
-_RETRY_MIN_S, _RETRY_MAX_S = 0.5, 10.0  # reader backoff while a stream is unavailable
+_READER_BACKOFF = Backoff(first_s=0.5, cap_s=10.0)  # reader retries while a stream fails
 _NODE_FULL_RETRY_AFTER_S = 5
 
 
@@ -636,7 +637,7 @@ class Gateway:
                     publish: Callable[[Event], Awaitable[int]], position: int) -> None:
         """Follow one stream from `position`, handing each event to the hub, until cancelled
         (or, should a cancellation get lost in the Redis client, until `_stopping`)."""
-        delay = _RETRY_MIN_S
+        delay: float | None = None
         rlog = self._log.bind(stream=name)
         epoch: str | None = None
         check_first = True  # at start, and after a failure or a gap: before blocking again
@@ -667,21 +668,21 @@ class Gateway:
                             fanout = 0
                     if len(page.events) < _READ_BATCH:
                         break
-                delay = _RETRY_MIN_S
+                delay = None
                 health.beat("gateway", idle_s=_WAIT_S)
             except asyncio.CancelledError:
                 raise
             except BackendUnavailable as exc:
+                delay = _READER_BACKOFF.delay(delay)
                 rlog.warning("gateway.reader_unavailable", error=exc.message, retry_in_s=delay)
                 health.beat("gateway", error=exc.message, idle_s=delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX_S)
                 check_first = True
             except Exception as exc:
+                delay = _READER_BACKOFF.delay(delay)
                 rlog.exception("gateway.reader_failed", error=str(exc), retry_in_s=delay)
                 health.beat("gateway", error=str(exc), idle_s=delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX_S)
                 check_first = True
 
     async def _check_epoch(self, stream: EventStream, name: str, position: int,

@@ -42,6 +42,7 @@ from defiwatch.domain import ProtocolMeta
 from defiwatch.errors import BackendUnavailable, ValidationError
 from defiwatch.ingest.base import PointSink
 from defiwatch.ops import health
+from defiwatch.ops.supervisor import Backoff
 
 __all__ = [
     "DEMO_DIR",
@@ -82,8 +83,6 @@ STREAMED_TAIL_S = 30 * 86_400
 # What a sink raises while the database is down, restarting or not migrated yet (SQLite's
 # "no such table" while another process migrates). Retrying is safe: the store is idempotent.
 _RETRYABLE: tuple[type[Exception], ...] = (SQLAlchemyError, OSError, BackendUnavailable)
-_RETRY_FIRST_S = 0.5
-_RETRY_CAP_S = 30.0
 
 RECORDS = Counter("defiwatch_replay_records_total", "Demo records replayed into the sink",
                   ["source", "kind"])
@@ -488,21 +487,21 @@ class _Run:
         self.after_flush()
 
     async def deliver(self, call: Callable[[], Awaitable[T]]) -> T | None:
-        """`call()` into the sink, retried with backoff (0.5 s doubling to 30 s) while the
+        """`call()` into the sink, retried with `Backoff` (0.5 s doubling to 30 s) while the
         store is unreachable; None when `stop` is set before it succeeded."""
-        delay = _RETRY_FIRST_S
+        delay: float | None = None
         while True:
             try:
                 return await call()
             except _RETRYABLE as exc:
                 RETRIES.inc()
+                delay = Backoff().delay(delay)
                 log.warning("replay.sink_failed", error=str(exc), error_type=type(exc).__name__,
                             retry_in_s=delay)
                 health.beat("replay", error=str(exc), idle_s=delay)
                 await self.rest(delay)
                 if self.stopping():
                     return None
-                delay = min(delay * 2, _RETRY_CAP_S)
 
     async def rest(self, seconds: float) -> None:
         """Sleep `seconds` (with the injected sleep), cut short when `stop` is set."""

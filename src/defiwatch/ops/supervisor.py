@@ -14,13 +14,21 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
+from defiwatch.errors import DefiwatchError
 from defiwatch.ops.health import Health
 from defiwatch.ops.metrics import ROLE_RESTARTS
 
-__all__ = ["Backoff", "describe", "supervise"]
+__all__ = ["BACKEND_ERRORS", "Backoff", "describe", "supervise", "wait_or_stop"]
 
 log = structlog.get_logger(__name__)
+
+# Failures a role's own loop retries in place with `Backoff`: backends unreachable or answering
+# errors (RedisError covers replies such as NOGROUP that a stream group could not repair).
+BACKEND_ERRORS: tuple[type[Exception], ...] = (DefiwatchError, SQLAlchemyError, RedisError,
+                                               OSError)
 
 
 @dataclass(frozen=True)
@@ -31,9 +39,9 @@ class Backoff:
     first_s: float = 0.5
     cap_s: float = 30.0
 
-    def delay(self, previous: float | None, ran_s: float) -> float:
-        """The wait before the next start, given the previous wait (None: none yet) and how
-        long the failed run lasted."""
+    def delay(self, previous: float | None, ran_s: float = 0.0) -> float:
+        """The wait before the next try, given the previous wait (None: none yet) and how long
+        the failed run lasted (a retry loop's consecutive failures leave it at 0)."""
         if previous is None or ran_s >= self.cap_s:
             return self.first_s
         return min(previous * 2, self.cap_s)
@@ -73,9 +81,7 @@ async def supervise(
                     return
                 health.failed(role, error)
                 ROLE_RESTARTS.labels(role).inc()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                if stop.is_set():
+                if await wait_or_stop(stop, delay):
                     return
                 log.info("role.restarting", role=role, task=task_name)
             else:
@@ -83,6 +89,14 @@ async def supervise(
                     health.finished(role)
                 log.info("role.finished", role=role, task=task_name)
                 return
+
+
+async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait `seconds` (a backoff), cut short by `stop` so shutdown never waits out a retry
+    delay; True when `stop` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
 
 
 def describe(exc: BaseException) -> str:

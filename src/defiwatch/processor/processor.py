@@ -14,8 +14,6 @@ from collections.abc import Callable, Sequence
 
 import structlog
 from prometheus_client import Counter, Gauge, Histogram
-from redis.exceptions import RedisError
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from defiwatch.cache import HotCache
@@ -30,8 +28,8 @@ from defiwatch.domain import (
     SeriesState,
 )
 from defiwatch.domain.changes import WINDOWS
-from defiwatch.errors import DefiwatchError
 from defiwatch.ops import health
+from defiwatch.ops.supervisor import BACKEND_ERRORS, Backoff, wait_or_stop
 from defiwatch.processor.fill import CacheFiller
 from defiwatch.processor.wakeup import Wakeup
 from defiwatch.store.changelog import ChangeRow, Cursor, load_cursor, read_changes, save_cursor
@@ -102,19 +100,19 @@ class Processor:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Process until `stop` is set; failures are logged and retried with backoff."""
-        delay = 0.5
+        delay: float | None = None
         while not stop.is_set():
             try:
                 if self._filler is not None:
                     await self._filler.check()
                 await self.drain()
-                delay = 0.5
-            except (DefiwatchError, SQLAlchemyError, RedisError, OSError) as exc:
+                delay = None
+            except BACKEND_ERRORS as exc:
+                delay = Backoff().delay(delay)
                 log.warning("processor.batch_failed", error=str(exc),
                             error_type=type(exc).__name__, retry_in_s=delay)
                 health.beat("processor", error=str(exc), idle_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                await wait_or_stop(stop, delay)
                 continue
             await self._wakeup.wait(self._poll_s)
 
