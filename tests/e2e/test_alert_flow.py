@@ -13,9 +13,10 @@ from pathlib import Path
 import httpx
 import standardwebhooks
 
+from loopback import free_port
 from notify.receiver import Receiver
 
-from .test_quickstart import free_port, start
+from .test_quickstart import start
 
 
 async def test_rule_fires_on_ingested_points(tmp_path: Path, timeout_factor: float) -> None:
