@@ -314,3 +314,15 @@ async def test_a_body_within_the_cap_reaches_the_route(
         again = await client.post("/v1/ingest", headers=auth, json={"points": [point]})
     assert again.status_code == 200 and again.json()["duplicates"] == [0]
 
+
+async def test_the_gate_finds_the_key_where_the_routes_do(
+        gated: tuple[FastAPI, dict[str, str]]) -> None:
+    """An empty X-API-Key falls through to ?apiKey= for the gate as for the routes: the gate
+    must not refuse (401) a request the route would accept."""
+    app, auth = gated
+    key = auth["Authorization"].removeprefix("Bearer ")
+    async with client_for(app) as client:
+        answer = await client.post("/v1/ingest", params={"apiKey": key},
+                                   headers={"X-API-Key": ""}, json={"points": []})
+    assert answer.status_code == 200, answer.text
+

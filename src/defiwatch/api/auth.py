@@ -7,21 +7,30 @@ from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 
+from defiwatch.api.ratelimit import key_from_scope
 from defiwatch.errors import AuthError, ScopeError
 from defiwatch.store.db import read_retrying
 from defiwatch.store.keys import Principal, authenticate, touch_key
 
-__all__ = ["key_from_request", "require"]
+__all__ = ["invalid_key", "key_from_request", "missing_key", "require"]
 
 _TOUCH_EVERY_S = 60.0  # last_used_at is informative; one write a minute per key is plenty
 
 
+def missing_key() -> AuthError:
+    """The 401 for a request without a key: one text for the routes and the body gate."""
+    return AuthError("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
+
+
+def invalid_key() -> AuthError:
+    """The 401 for a key that matches no live key, wherever it is checked."""
+    return AuthError("invalid or revoked API key")
+
+
 def key_from_request(request: Request) -> str | None:
-    """The key from `Authorization: Bearer`, `X-API-Key` or `?apiKey=` (in that order)."""
-    auth = request.headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return request.headers.get("x-api-key") or request.query_params.get("apiKey")
+    """The key from `Authorization: Bearer`, `X-API-Key` or `?apiKey=` (in that order): found
+    as the rate limiter and the body gate find it, so all three judge the same key."""
+    return key_from_scope(request.scope)
 
 
 def require(scope: str) -> Callable[[Request], Awaitable[Principal]]:
@@ -30,12 +39,12 @@ def require(scope: str) -> Callable[[Request], Awaitable[Principal]]:
     async def dependency(request: Request) -> Principal:
         key = key_from_request(request)
         if not key:
-            raise AuthError("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
+            raise missing_key()
         ctx = request.app.state.ctx
         principal = await read_retrying(ctx.reads or ctx.engine,
                                         lambda conn: authenticate(conn, key))
         if principal is None:
-            raise AuthError("invalid or revoked API key")
+            raise invalid_key()
         if scope not in principal.scopes and "admin" not in principal.scopes:
             raise ScopeError(
                 f"this key lacks the '{scope}' scope (it has: {', '.join(sorted(principal.scopes))})"

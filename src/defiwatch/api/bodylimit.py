@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.exceptions import HTTPException
 
+from defiwatch.api.auth import invalid_key, missing_key
 from defiwatch.api.errors import database_down, send_error
 from defiwatch.api.keycache import KeyCache
 from defiwatch.api.ratelimit import EXEMPT_PATHS, key_from_scope
-from defiwatch.errors import AuthError, DefiwatchError
+from defiwatch.errors import DefiwatchError
 from defiwatch.store.db import DATABASE_ERRORS, database_unreachable
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class BodyGateMiddleware:
         """Why the request is refused before its body is read, or None to let it in."""
         key = key_from_scope(scope)
         if not key:
-            return AuthError("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
+            return missing_key()
         try:
             principal = await self._keys.principal(key)
         except DATABASE_ERRORS as exc:
@@ -127,7 +128,7 @@ class BodyGateMiddleware:
                 raise
             return database_down()
         if principal is None:
-            return AuthError("invalid or revoked API key")
+            return invalid_key()
         cap = self._limits.for_path(scope["path"])
         length = _content_length(scope)
         return _too_large(cap) if length is not None and length > cap else None

@@ -23,7 +23,7 @@ import msgspec
 from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from defiwatch.api.auth import key_from_request
+from defiwatch.api.auth import invalid_key, key_from_request
 from defiwatch.api.params import EpochSeconds, Name
 from defiwatch.api.routes.query import query_service
 from defiwatch.api.schemas import (
@@ -65,7 +65,7 @@ async def compat_reader(request: Request) -> Principal | None:
     async with ctx.engine.connect() as conn:
         principal = await authenticate(conn, key)
     if principal is None:
-        raise AuthError("invalid or revoked API key")
+        raise invalid_key()
     if "read" not in principal.scopes and "admin" not in principal.scopes:
         raise ScopeError("this key lacks the 'read' scope")
     return principal
